@@ -1,0 +1,30 @@
+"""The one environment interface every adapter implements (shape legend in seqmarl/types.py)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from seqmarl.types import EnvSpec, StepRecord
+
+
+class VectorEnv(Protocol):
+    """E copies of one task, stepped together, resetting themselves when an episode ends."""
+
+    spec: EnvSpec
+    num_envs: int  # E
+
+    def reset(self, seed: int) -> StepRecord:
+        """Start E fresh episodes; reward, terminated and truncated are all zero/False."""
+        ...
+
+    def step(self, actions: torch.Tensor) -> StepRecord:
+        """Apply one joint action per env.
+
+        actions: (E, N) int64 for discrete spaces, (E, N, A) float32 for continuous ones (the adapter
+        clips to the bounds). May live on any device; the returned record is on the CPU.
+        """
+        ...
+
+    def close(self) -> None: ...

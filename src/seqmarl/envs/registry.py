@@ -1,0 +1,37 @@
+"""Task names -> adapters. "smax:3m" selects the SMAX adapter with map "3m".
+
+Simulator packages are imported lazily inside each adapter module, so a missing extra only matters
+when that simulator is asked for, and then gives a one-line MissingExtraError.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from seqmarl.envs.base import VectorEnv
+from seqmarl.errors import UserError
+
+# family -> module holding `make_vector_env(task: str, num_envs: int, seed: int) -> VectorEnv`
+FAMILIES: dict[str, str] = {
+    "smax": "seqmarl.envs.smax",
+    "mamujoco": "seqmarl.envs.mamujoco",
+}
+
+
+def split_env_name(name: str) -> tuple[str, str]:
+    """"smax:3m" -> ("smax", "3m"), with a clear error for anything else."""
+    family, sep, task = name.partition(":")
+    if not sep or not task or family not in FAMILIES:
+        raise UserError(
+            f"unknown env {name!r}; expected FAMILY:TASK with FAMILY one of {sorted(FAMILIES)} "
+            "(e.g. smax:3m, mamujoco:HalfCheetah-6x1)"
+        )
+    return family, task
+
+
+def make_vector_env(name: str, num_envs: int, seed: int) -> VectorEnv:
+    family, task = split_env_name(name)
+    if num_envs < 1:
+        raise UserError(f"num_envs must be >= 1, got {num_envs}")
+    module = importlib.import_module(FAMILIES[family])
+    return module.make_vector_env(task, num_envs=num_envs, seed=seed)

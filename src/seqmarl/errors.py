@@ -1,0 +1,15 @@
+"""Errors meant for the user: the CLI prints them as one line and exits with code 2."""
+
+
+class UserError(Exception):
+    """Bad input from the user (config key, option value, env name, missing extra)."""
+
+
+class MissingExtraError(UserError):
+    """A simulator's Python package is not installed."""
+
+    def __init__(self, simulator: str, extra: str, cause: BaseException | None = None):
+        detail = f" ({cause})" if cause is not None else ""
+        super().__init__(
+            f"{simulator} is not installed{detail}; install it with: pip install 'seqmarl[{extra}]'"
+        )
