@@ -19,7 +19,7 @@ FAMILIES: dict[str, str] = {
 
 
 def split_env_name(name: str) -> tuple[str, str]:
-    """"smax:3m" -> ("smax", "3m"), with a clear error for anything else."""
+    """ "smax:3m" -> ("smax", "3m"), with a clear error for anything else."""
     family, sep, task = name.partition(":")
     if not sep or not task or family not in FAMILIES:
         raise UserError(

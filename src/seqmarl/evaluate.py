@@ -1,0 +1,43 @@
+"""Deterministic evaluation: every env plays whole episodes with the greedy/mean action.
+
+Shape legend: E envs, N agents.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from seqmarl.envs.base import VectorEnv
+from seqmarl.rollout import EpisodeStats
+
+
+@torch.no_grad()
+def evaluate(
+    envs: VectorEnv, algorithm, episodes: int, seed: int, device: torch.device, deterministic: bool = True
+) -> EpisodeStats:
+    """Play `episodes` episodes from a fresh reset and return their results.
+
+    Each env contributes the same number of episodes (ceil(episodes / E) rounds), taken in round-major
+    order, so short episodes do not crowd out long ones (which would bias win rates upward).
+    """
+    E = envs.num_envs
+    rounds = math.ceil(episodes / E)
+    per_env: list[list[tuple[float, int, bool]]] = [[] for _ in range(E)]
+    record = envs.reset(seed)
+    while min(len(results) for results in per_env) < rounds:
+        out = algorithm.act(record.obs.to(device), record.action_mask.to(device), deterministic=deterministic)
+        record = envs.step(out.actions)
+        for e in record.done.nonzero().flatten().tolist():
+            if len(per_env[e]) < rounds:
+                per_env[e].append(
+                    (float(record.episode_return[e]), int(record.episode_length[e]), bool(record.won[e]))
+                )
+    stats = EpisodeStats()
+    ordered = [per_env[e][k] for k in range(rounds) for e in range(E)][:episodes]
+    for episode_return, length, won in ordered:
+        stats.returns.append(episode_return)
+        stats.lengths.append(length)
+        stats.wins.append(won)
+    return stats

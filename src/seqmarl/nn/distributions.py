@@ -1,0 +1,54 @@
+"""Action distributions as pure functions (torch.distributions' validation costs time per agent step).
+
+Shape legend: B batch, L tokens (agents), A actions (discrete) or action dimensions (continuous).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MASKED_LOGIT = -1e10  # finite, so entropy terms of masked actions are 0 * finite = 0, never NaN
+
+
+def masked_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unavailable actions get a logit so low their probability is exactly 0 in float32."""
+    return logits.masked_fill(~mask, MASKED_LOGIT)  # (B, L, A)
+
+
+def categorical_sample(logits: torch.Tensor, deterministic: bool, generator: torch.Generator | None = None):
+    """Gumbel-max sampling: argmax(logits + Gumbel noise); masked logits can never win."""
+    if deterministic:
+        return logits.argmax(dim=-1)  # (B, L)
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+    gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)).clamp_min(1e-20))
+    return (logits + gumbel).argmax(dim=-1)  # (B, L)
+
+
+def categorical_log_prob_entropy(
+    logits: torch.Tensor, actions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    log_probs = torch.log_softmax(logits, dim=-1)  # (B, L, A)
+    log_prob = log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # (B, L)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)  # (B, L)
+    return log_prob, entropy
+
+
+def gaussian_sample(
+    mean: torch.Tensor, std: torch.Tensor, deterministic: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    if deterministic:
+        return mean
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + std * noise  # (B, L, A)
+
+
+def gaussian_log_prob_entropy(
+    mean: torch.Tensor, std: torch.Tensor, actions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Diagonal Gaussian, summed over action dimensions (one ratio per agent token)."""
+    log_std = torch.log(std).expand_as(mean)
+    log_prob = -((actions - mean) ** 2) / (2 * std**2) - log_std - 0.5 * math.log(2 * math.pi)
+    entropy = 0.5 + 0.5 * math.log(2 * math.pi) + log_std
+    return log_prob.sum(-1), entropy.sum(-1)  # (B, L), (B, L)

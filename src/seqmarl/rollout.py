@@ -1,0 +1,74 @@
+"""The one environment loop, shared by every env and algorithm: collect T steps into the buffer.
+
+Shape legend: T rollout length, E envs, N agents, O obs, A action-mask width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from seqmarl.buffer import RolloutBuffer
+from seqmarl.envs.base import VectorEnv
+from seqmarl.types import StepRecord
+
+
+@dataclass
+class EpisodeStats:
+    """Episodes finished during a rollout (or an evaluation)."""
+
+    returns: list[float] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    wins: list[bool] = field(default_factory=list)
+
+    def add(self, record: StepRecord, only: torch.Tensor | None = None) -> None:
+        done = record.done if only is None else record.done & only
+        if not bool(done.any()):
+            return
+        self.returns += record.episode_return[done].tolist()
+        self.lengths += record.episode_length[done].tolist()
+        self.wins += record.won[done].tolist()
+
+    def summary(self, prefix: str, has_win: bool) -> dict[str, float]:
+        if not self.returns:
+            return {}
+        n = len(self.returns)
+        out = {
+            f"{prefix}/episodic_return": sum(self.returns) / n,
+            f"{prefix}/episodic_length": sum(self.lengths) / n,
+        }
+        if has_win:
+            out[f"{prefix}/win_rate"] = sum(self.wins) / n
+        return out
+
+
+def collect(
+    envs: VectorEnv, algorithm, buffer: RolloutBuffer, record: StepRecord, device: torch.device
+) -> tuple[StepRecord, EpisodeStats]:
+    """Fill `buffer` with T steps starting from `record` (the current observation of every env).
+
+    Returns the record after the last step (the next rollout starts there) and the finished episodes.
+    """
+    stats = EpisodeStats()
+    for t in range(buffer.T):
+        obs = record.obs.to(device, non_blocking=True)  # (E, N, O)
+        mask = record.action_mask.to(device, non_blocking=True)  # (E, N, A)
+        out = algorithm.act(obs, mask)
+        buffer.obs[t] = obs
+        buffer.action_mask[t] = mask
+        buffer.alive[t] = record.alive.to(device, non_blocking=True)
+        buffer.actions[t] = out.actions
+        buffer.log_prob[t] = out.log_prob
+        buffer.values[t] = out.value
+
+        record = envs.step(out.actions)
+        buffer.rewards[t] = record.reward.to(device, non_blocking=True)
+        buffer.terminated[t] = record.terminated.to(device, non_blocking=True)
+        buffer.truncated[t] = record.truncated.to(device, non_blocking=True)
+        if bool(record.truncated.any()):
+            # Time-limit cut: keep the value of the last observation to bootstrap from (not a death).
+            buffer.final_values[t] = algorithm.values(record.final_obs.to(device))
+            buffer.final_alive[t] = record.final_alive.to(device)
+        stats.add(record)
+    return record, stats
