@@ -22,7 +22,8 @@ def categorical_sample(logits: torch.Tensor, deterministic: bool, generator: tor
     if deterministic:
         return logits.argmax(dim=-1)  # (B, L)
     u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
-    gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)).clamp_min(1e-20))
+    neg_log_u = (-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20)  # in (0, 46]
+    gumbel = -torch.log(neg_log_u)
     return (logits + gumbel).argmax(dim=-1)  # (B, L)
 
 
