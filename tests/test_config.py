@@ -7,7 +7,9 @@ from seqmarl.errors import UserError
 
 
 def test_defaults_and_overrides_are_typed():
-    config = build_config({"ppo": {"lr": "1e-4", "epochs": "5", "value_norm": "false"}, "run": {"total_steps": 2e5}})
+    config = build_config(
+        {"ppo": {"lr": "1e-4", "epochs": "5", "value_norm": "false"}, "run": {"total_steps": 2e5}}
+    )
     assert config.ppo.lr == 1e-4 and config.ppo.epochs == 5 and config.ppo.value_norm is False
     assert config.run.total_steps == 200000 and isinstance(config.run.total_steps, int)
 

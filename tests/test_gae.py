@@ -60,7 +60,9 @@ def test_buffer_bootstraps_truncation_but_not_termination():
     buf.truncated[1, 0] = True  # env 0: time limit at step 1
     buf.terminated[1, 1] = True  # env 1: terminal at step 1
     last = torch.full((2, 2), 2.0)
-    batch = buf.finish(last, torch.ones(2, 2, dtype=torch.bool), IdentityNormalizer(), gamma=1.0, gae_lambda=1.0)
+    batch = buf.finish(
+        last, torch.ones(2, 2, dtype=torch.bool), IdentityNormalizer(), gamma=1.0, gae_lambda=1.0
+    )
     adv = batch.advantages.reshape(3, 2)
     # env 0, step 1: 0 + V(final)=5 - 1 = 4; env 1, step 1: 0 + 0 - 1 = -1
     assert adv[1, 0].item() == 4.0 and adv[1, 1].item() == -1.0

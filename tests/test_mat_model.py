@@ -63,7 +63,9 @@ def test_agent_outputs_do_not_depend_on_later_agents(space_name, config_name):
     for i in range(N):
         changed = model.act(obs, mask).actions  # fresh draws
         changed[:, :i] = actions[:, :i]  # agents < i keep their actions; agents >= i change
-        changed[:, i] = actions[:, i]  # ... and agent i's own action is the same, so its log-prob is comparable
+        changed[:, i] = actions[
+            :, i
+        ]  # ... and agent i's own action is the same, so its log-prob is comparable
         out = model.evaluate(obs, mask, changed)
         torch.testing.assert_close(out.log_prob[:, : i + 1], base.log_prob[:, : i + 1])
         torch.testing.assert_close(out.entropy[:, : i + 1], base.entropy[:, : i + 1])
@@ -100,7 +102,9 @@ def test_one_model_serves_any_number_of_agents(space_name):
         mask = torch.ones(2, N, SPACES[space_name].mask_width, dtype=torch.bool)
         out = model.act(obs, mask)
         assert out.log_prob.shape == (2, N) and out.value.shape == (2, N)
-        torch.testing.assert_close(model.evaluate(obs, mask, out.actions).log_prob, out.log_prob, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model.evaluate(obs, mask, out.actions).log_prob, out.log_prob, atol=1e-5, rtol=1e-5
+        )
 
 
 def test_encoder_values_are_permutation_equivariant():

@@ -23,7 +23,9 @@ def test_huber_value_loss_has_gradient_on_both_sides():
     target = torch.zeros(2)
     value = torch.tensor([-50.0, 50.0], requires_grad=True)
     old = value.detach().clone()  # no clipping effect: value == old
-    loss = ppo_losses.clipped_value_loss(value, old, target, clip=0.2, huber_delta=10.0, mask=torch.ones(2, dtype=bool))
+    loss = ppo_losses.clipped_value_loss(
+        value, old, target, clip=0.2, huber_delta=10.0, mask=torch.ones(2, dtype=bool)
+    )
     loss.backward()
     # Huber with delta 10 is linear outside the threshold: |grad| = delta / n on BOTH sides.
     torch.testing.assert_close(value.grad, torch.tensor([-5.0, 5.0]))
@@ -34,7 +36,9 @@ def test_value_clipping_takes_the_pessimistic_error():
     old = torch.tensor([0.0])
     value = torch.tensor([1.0])  # moved by 1, clipped to 0.2
     target = torch.tensor([1.0])
-    loss = ppo_losses.clipped_value_loss(value, old, target, clip=0.2, huber_delta=None, mask=torch.ones(1, dtype=bool))
+    loss = ppo_losses.clipped_value_loss(
+        value, old, target, clip=0.2, huber_delta=None, mask=torch.ones(1, dtype=bool)
+    )
     assert abs(loss.item() - 0.5 * 0.8**2) < 1e-6
 
 

@@ -1,0 +1,254 @@
+"""Multi-Agent MuJoCo (gymnasium-robotics `mamujoco_v1`) as a VectorEnv (shape legend in seqmarl/types.py).
+
+Task names are "Scenario-AGENTCONF" as gymnasium-robotics spells them: "HalfCheetah-6x1", "Ant-4x2",
+"Walker2d-2x3", "Humanoid-9|8". The E simulators are stepped one after the other in this process: on a
+few CPU cores a MuJoCo step costs ~0.1 ms, so subprocess round trips would cost more than they save.
+
+Padding, so that every env of every task gives fixed (E, N, ...) shapes:
+- Observations: agents see different numbers of joints, so their observations differ in size (in
+  HalfCheetah-6x1 agents 2 and 5 (the feet) see 8 values, the others 9; in Humanoid-9|8 agent 1 sees 170
+  of 242). Each agent's observation is written at the start of its row and the rest stays zero.
+- Actions: agents may drive different numbers of joints (Humanoid-9|8: 9 and 8). The action tensor is
+  (E, N, A) with A the largest; agent i is sent only its first dim_i values and the rest are ignored.
+
+Episodes end by termination (the body became unhealthy, e.g. Ant or Walker2d falling; HalfCheetah never
+does) or by the simulator's time limit (truncation, 1000 steps); the two are kept apart as reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from seqmarl.errors import MissingExtraError, UserError
+from seqmarl.types import ContinuousActions, EnvSpec, StepRecord
+
+TASK_EXAMPLES = "HalfCheetah-6x1, Ant-4x2, Walker2d-2x3, Humanoid-9|8"
+
+
+def _import_mamujoco() -> Any:
+    """The `mamujoco_v1` module, or a one-line MissingExtraError."""
+    try:
+        # gymnasium imports mujoco only when an env is built, and then raises its own error type; import
+        # it here so that a missing mujoco is reported like a missing gymnasium-robotics.
+        import mujoco  # noqa: F401
+
+        # gymnasium_robotics prints a notice about its Adroit tasks' rewards to stderr on import; it does
+        # not concern MaMuJoCo and would break our one-line error messages, so it is swallowed here.
+        with contextlib.redirect_stderr(io.StringIO()):
+            from gymnasium_robotics import mamujoco_v1
+    except ImportError as error:
+        raise MissingExtraError(
+            "Multi-Agent MuJoCo (gymnasium-robotics + mujoco)", "mujoco", error
+        ) from error
+    return mamujoco_v1
+
+
+def parse_task(task: str) -> tuple[str, str]:
+    """ "Humanoid-9|8" -> ("Humanoid", "9|8"). Split on the last '-': agent confs never contain one."""
+    scenario, sep, agent_conf = task.rpartition("-")
+    if not sep or not scenario or not agent_conf:
+        raise UserError(
+            f"bad Multi-Agent MuJoCo task {task!r}; expected Scenario-AGENTCONF, e.g. {TASK_EXAMPLES}"
+        )
+    return scenario, agent_conf
+
+
+def shared_action_bounds(
+    lows: Sequence[np.ndarray], highs: Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """One (A,) low/high pair valid for every agent, A the largest action dim.
+
+    Dimension j takes the bounds of the agents that have a j-th action dim; they must all agree, because
+    the spec (and the policy's squashing) has one bound per dimension, not per agent.
+    """
+    action_dim = max(len(low) for low in lows)
+    low = np.full(action_dim, np.nan, dtype=np.float32)
+    high = np.full(action_dim, np.nan, dtype=np.float32)
+    for agent_low, agent_high in zip(lows, highs):
+        dim = len(agent_low)
+        seen = ~np.isnan(low[:dim])
+        if np.any(low[:dim][seen] != agent_low[seen]) or np.any(high[:dim][seen] != agent_high[seen]):
+            raise UserError("agents with different action bounds are not supported yet")
+        low[:dim] = agent_low
+        high[:dim] = agent_high
+    return low, high
+
+
+class MaMujocoVectorEnv:
+    """E Multi-Agent MuJoCo simulators of one task, reset automatically when an episode ends.
+
+    Episode k of env e is reset with a seed derived from (seed, e, k), so a whole vector is reproducible
+    from `seed` alone, whatever order its envs finish in. The constructor already resets with `seed`, so
+    `step` works at once; `reset(seed)` starts every env over.
+    """
+
+    def __init__(self, task: str, num_envs: int, seed: int):
+        if num_envs < 1:
+            raise UserError(f"num_envs must be >= 1, got {num_envs}")
+        scenario, agent_conf = parse_task(task)
+        mamujoco_v1 = _import_mamujoco()
+        try:
+            self._envs = [mamujoco_v1.parallel_env(scenario, agent_conf) for _ in range(num_envs)]
+        except Exception as error:
+            # gymnasium-robotics raises a bare Exception ("UNKNOWN partitioning config") for a bad agent
+            # conf and NotImplementedError for an unknown scenario.
+            raise UserError(
+                f"unknown Multi-Agent MuJoCo task {task!r} ({error}); examples: {TASK_EXAMPLES}"
+            ) from error
+        first = self._envs[0]
+        self._agents: list[str] = list(first.possible_agents)
+        self._obs_sizes = [first.observation_space(agent).shape[0] for agent in self._agents]
+        action_boxes = [first.action_space(agent) for agent in self._agents]
+        self._action_dims = [box.shape[0] for box in action_boxes]
+        self._low, self._high = shared_action_bounds(
+            [box.low for box in action_boxes], [box.high for box in action_boxes]
+        )
+        time_limit = getattr(first.single_agent_env.spec, "max_episode_steps", None)
+        if time_limit is None:
+            raise UserError(f"Multi-Agent MuJoCo task {task!r} has no time limit; seqmarl needs one")
+
+        self.num_envs = num_envs
+        self.spec = EnvSpec(
+            name=f"mamujoco:{task}",
+            n_agents=len(self._agents),
+            obs_dim=max(self._obs_sizes),
+            state_dim=first.state().shape[0],
+            action_space=ContinuousActions(
+                dim=len(self._low), low=tuple(self._low.tolist()), high=tuple(self._high.tolist())
+            ),
+            max_episode_steps=time_limit,
+            has_win=False,
+        )
+        self.reset(seed)
+
+    def reset(self, seed: int) -> StepRecord:
+        if seed < 0:
+            raise UserError(f"seed must be >= 0, got {seed}")
+        self._seed = seed
+        self._episode_index = [0] * self.num_envs
+        self._running_return = np.zeros(self.num_envs, dtype=np.float64)
+        self._running_length = np.zeros(self.num_envs, dtype=np.int64)
+        obs, state = self._empty_obs(), self._empty_state()
+        for env_index in range(self.num_envs):
+            self._reset_env(env_index, obs[env_index], state[env_index])
+        E = self.num_envs
+        return self._record(
+            obs=obs,
+            state=state,
+            reward=np.zeros(E, dtype=np.float32),
+            terminated=np.zeros(E, dtype=bool),
+            truncated=np.zeros(E, dtype=bool),
+            final_obs=obs.copy(),
+            final_state=state.copy(),
+            episode_return=np.zeros(E, dtype=np.float32),
+            episode_length=np.zeros(E, dtype=np.int64),
+        )
+
+    def step(self, actions: torch.Tensor) -> StepRecord:
+        """actions: (E, N, A) float on any device; clipped to the bounds before the simulator sees them."""
+        clipped = self._actions_to_numpy(actions)  # (E, N, A)
+        E = self.num_envs
+        # Fresh arrays every step: the returned tensors share their memory (torch.from_numpy), and a
+        # caller that stores records must never see them overwritten by a later step.
+        obs, state = self._empty_obs(), self._empty_state()
+        final_obs, final_state = self._empty_obs(), self._empty_state()
+        reward = np.zeros(E, dtype=np.float32)
+        terminated = np.zeros(E, dtype=bool)
+        truncated = np.zeros(E, dtype=bool)
+        episode_return = np.zeros(E, dtype=np.float32)
+        episode_length = np.zeros(E, dtype=np.int64)
+        first_agent = self._agents[0]
+        for env_index, env in enumerate(self._envs):
+            agent_actions = {
+                agent: clipped[env_index, agent_index, :dim]
+                for agent_index, (agent, dim) in enumerate(zip(self._agents, self._action_dims))
+            }
+            observations, rewards, terminations, truncations, _ = env.step(agent_actions)
+            # MaMuJoCo gives every agent the same team reward and the same end flags.
+            team_reward = float(rewards[first_agent])
+            reward[env_index] = team_reward
+            terminated[env_index] = terminations[first_agent]
+            truncated[env_index] = truncations[first_agent]
+            self._write_obs(final_obs[env_index], observations)
+            final_state[env_index] = env.state()
+            self._running_return[env_index] += team_reward
+            self._running_length[env_index] += 1
+            if terminated[env_index] or truncated[env_index]:
+                episode_return[env_index] = self._running_return[env_index]
+                episode_length[env_index] = self._running_length[env_index]
+                self._running_return[env_index] = 0.0
+                self._running_length[env_index] = 0
+                self._reset_env(env_index, obs[env_index], state[env_index])
+            else:
+                obs[env_index] = final_obs[env_index]
+                state[env_index] = final_state[env_index]
+        return self._record(
+            obs=obs,
+            state=state,
+            reward=reward,
+            terminated=terminated,
+            truncated=truncated,
+            final_obs=final_obs,
+            final_state=final_state,
+            episode_return=episode_return,
+            episode_length=episode_length,
+        )
+
+    def close(self) -> None:
+        for env in self._envs:
+            env.close()
+
+    def _actions_to_numpy(self, actions: torch.Tensor) -> np.ndarray:
+        expected = (self.num_envs, self.spec.n_agents, self.spec.action_space.dim)
+        if tuple(actions.shape) != expected:
+            raise ValueError(f"actions must have shape (E, N, A) = {expected}, got {tuple(actions.shape)}")
+        array = actions.detach().to(device="cpu", dtype=torch.float32).numpy()
+        # A NaN survives clipping and then fails deep in gymnasium-robotics with a misleading
+        # "action is undefined" assertion.
+        if np.isnan(array).any():
+            raise ValueError("actions contain NaN")
+        return np.clip(array, self._low, self._high)  # a new array: the caller's tensor is never modified
+
+    def _reset_env(self, env_index: int, obs_row: np.ndarray, state_row: np.ndarray) -> None:
+        """Start env `env_index`'s next episode and write its first observation into the given rows."""
+        episode_seed = np.random.SeedSequence((self._seed, env_index, self._episode_index[env_index]))
+        self._episode_index[env_index] += 1
+        env = self._envs[env_index]
+        observations, _ = env.reset(seed=int(episode_seed.generate_state(1)[0]))
+        self._write_obs(obs_row, observations)
+        state_row[:] = env.state()
+
+    def _write_obs(self, obs_row: np.ndarray, observations: dict[str, np.ndarray]) -> None:
+        """obs_row: (N, O), zero-initialised; agent i fills its first obs_size_i entries, the rest stays 0."""
+        for agent_index, (agent, size) in enumerate(zip(self._agents, self._obs_sizes)):
+            obs_row[agent_index, :size] = observations[agent]
+
+    def _empty_obs(self) -> np.ndarray:
+        return np.zeros((self.num_envs, self.spec.n_agents, self.spec.obs_dim), dtype=np.float32)
+
+    def _empty_state(self) -> np.ndarray:
+        return np.empty((self.num_envs, self.spec.state_dim), dtype=np.float32)
+
+    def _record(self, **arrays: np.ndarray) -> StepRecord:
+        E, N, A = self.num_envs, self.spec.n_agents, self.spec.action_space.dim
+        tensors = {name: torch.from_numpy(array) for name, array in arrays.items()}
+        # No agent ever dies in MuJoCo, and every action dimension is always available.
+        alive = torch.ones(E, N, dtype=torch.bool)
+        return StepRecord(
+            **tensors,
+            action_mask=torch.ones(E, N, A, dtype=torch.bool),
+            alive=alive,
+            final_alive=alive.clone(),
+            won=torch.zeros(E, dtype=torch.bool),
+        )
+
+
+def make_vector_env(task: str, num_envs: int, seed: int) -> MaMujocoVectorEnv:
+    """The registry's entry point: `task` is "Scenario-AGENTCONF", e.g. "HalfCheetah-6x1"."""
+    return MaMujocoVectorEnv(task, num_envs=num_envs, seed=seed)

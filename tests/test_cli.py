@@ -1,0 +1,100 @@
+"""The command line: bad input gives one line and exit code 2; a short real run works end to end."""
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from seqmarl.cli import main
+
+BAD_INPUTS = [
+    (["train", "--env", "nosuchsim:3m"], "unknown env 'nosuchsim:3m'"),
+    (["train", "--env", "smax"], "unknown env 'smax'"),
+    (["train", "--algo", "dqn"], "unknown algorithm 'dqn'; available: mat"),
+    (["train", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["train", "--steps", "many"], "invalid float value"),
+    (["train", "--steps", "0"], "--steps must be >= 1"),
+    (["train", "--set", "ppo.lrr=1"], "unknown config key ppo.lrr"),
+    (["train", "--set", "ppo.epochs=x"], "ppo.epochs: expected int"),
+    (["train", "--set", "lr"], "--set expects SECTION.KEY=VALUE"),
+    (["train", "--config", "/nonexistent.yaml"], "cannot read config file"),
+    (["train", "--env", "mamujoco:NoSuchBot-2x3", "--steps", "100"], "NoSuchBot"),
+    (["train", "--env", "smax:3m", "--device", "cuda:7", "--steps", "100"], "device"),
+    (["eval", "/nonexistent/run"], "does not exist"),
+    (["plot", "/nonexistent/run"], "not a run directory"),
+    (["launch"], "invalid choice: 'launch'"),
+]
+
+
+@pytest.mark.parametrize("argv, fragment", BAD_INPUTS)
+def test_bad_input_is_one_line_exit_2(argv, fragment, capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        sys.exit(
+            main(
+                argv
+                + (["--out-dir", str(tmp_path)] if argv[0] == "train" and "--frobnicate" not in argv else [])
+            )
+        )
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+
+
+def test_console_script_exits_2_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "seqmarl.cli", "train", "--env", "foo:bar"], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("seqmarl: error: unknown env 'foo:bar'")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("env, steps", [("smax:3m", "640"), ("mamujoco:HalfCheetah-6x1", "400")])
+def test_train_eval_plot_smoke(env, steps, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MuJoCo writes MUJOCO_LOG.TXT into the working directory
+    argv = [
+        "train",
+        "--env",
+        env,
+        "--steps",
+        steps,
+        "--num-envs",
+        "4",
+        "--out-dir",
+        str(tmp_path),
+        "--run-name",
+        "smoke",
+        "--no-progress",
+        "--set",
+        "ppo.rollout_length=20",
+        "--set",
+        "env.eval_envs=2",
+        "--set",
+        "run.eval_episodes=2",
+        "--set",
+        "ppo.epochs=2",
+    ]
+    if env.startswith("mamujoco"):
+        argv += ["--set", "ppo.num_minibatches=2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| eval/episodic_return |" in out
+    run_dir = tmp_path / "smoke"
+    for name in ("config.yaml", "meta.json", "metrics.csv", "result.json", "curve.png"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "checkpoints").glob("step_*.pt"))
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert int(rows[-1]["step"]) == int(steps)
+    assert rows[-1]["losses/value_loss"] != ""
+
+    assert main(["eval", str(run_dir), "--episodes", "2"]) == 0
+    assert "eval/episodic_return" in capsys.readouterr().out
+    assert main(["plot", str(run_dir), "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 1000
+
+    # the same run directory is refused rather than overwritten
+    assert main(argv) == 2
