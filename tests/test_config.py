@@ -45,5 +45,5 @@ def test_presets_follow_the_reference_settings():
     assert (smax.ppo.lr, smax.ppo.epochs, smax.ppo.clip, smax.env.num_envs) == (5e-4, 15, 0.05, 32)
     assert smax.run.total_steps == 1_000_000
     cheetah = build_config(preset_for("mamujoco:HalfCheetah-6x1"))
-    assert (cheetah.env.num_envs, cheetah.ppo.num_minibatches, cheetah.ppo.max_grad_norm) == (40, 40, 0.5)
+    assert (cheetah.env.num_envs, cheetah.ppo.num_minibatches, cheetah.ppo.max_grad_norm) == (40, 4, 0.5)
     assert preset_for("smax:not_a_map_with_entries")["ppo"]["lr"] == 5e-4  # family defaults still apply
