@@ -8,7 +8,7 @@ touches the simulator once per step. We call `step_env` (no auto-reset) rather t
 JaxMARL's auto-reset throws away the last observation of a finished episode, which we need to bootstrap
 the value when an episode is cut by the time limit. Outputs reach torch through DLPack without a copy.
 
-Episode ends: SMAX ends an episode when one side is wiped out or after `max_steps` (100). The first is a
+Episode ends: SMAX ends an episode when one side is wiped out or after `max_steps` + 1 (101) steps. The first is a
 real terminal state (`terminated`); the second is a time-limit cut (`truncated`) unless the battle was
 decided on that same step. A win is "all enemies dead and at least one ally alive" (SMAX's won-battle
 bonus rule; both sides dying on the same step is a draw).
@@ -47,13 +47,14 @@ def _to_torch(x: Any) -> torch.Tensor:
 
 
 class SmaxVectorEnv:
-    def __init__(self, task: str, num_envs: int, seed: int):
+    def __init__(self, task: str, num_envs: int, seed: int, max_steps: int | None = None):
         jax, jnp, make, map_name_to_scenario = _import_jaxmarl()
         try:
             scenario = map_name_to_scenario(task)
         except KeyError:
             raise UserError(f"unknown SMAX map {task!r}; e.g. {EXAMPLE_MAPS}") from None
-        env = make("HeuristicEnemySMAX", scenario=scenario)
+        # max_steps overrides SMAX's episode limit (100); the tests use it to reach time limits quickly.
+        env = make("HeuristicEnemySMAX", scenario=scenario, **({"max_steps": max_steps} if max_steps else {}))
         self._jax, self._jnp = jax, jnp
         self.num_envs = num_envs
         agents = list(env.agents)
@@ -65,7 +66,8 @@ class SmaxVectorEnv:
             obs_dim=int(obs[agents[0]].shape[0]),
             state_dim=int(obs["world_state"].shape[0]),
             action_space=DiscreteActions(int(env.action_space(agents[0]).n)),
-            max_episode_steps=int(env.max_steps),
+            # SMAX checks its limit before counting the step, so an undecided battle lasts max_steps + 1.
+            max_episode_steps=int(env.max_steps) + 1,
             has_win=True,
         )
 
