@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=12345)
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--stochastic", action="store_true", help="sample actions instead of greedy/mean")
+    evaluate.add_argument("--json", type=Path, help="also write per-episode results to this JSON file")
 
     plot = commands.add_parser("plot", help="learning curves of run directories")
     plot.add_argument("run_dirs", nargs="+", type=Path)
@@ -126,6 +128,17 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print(f"{config.algo} on {config.env.name}, step {payload['step']:,}, {args.episodes} {mode} episodes:")
     for name, value in summary.items():
         print(f"  {name}: {value:.3f}")
+    if args.json is not None:
+        record = {
+            "checkpoint": str(args.checkpoint),
+            "env": config.env.name,
+            "algo": config.algo,
+            "seed": config.run.seed,
+            "step": payload["step"],
+            "episodes": {"episode_return": stats.returns, "win": stats.wins},
+            **summary,
+        }
+        args.json.write_text(json.dumps(record, indent=2))
     envs.close()
 
 

@@ -132,8 +132,11 @@ def train(config: TrainConfig) -> TrainResult:
     generator = torch.Generator().manual_seed(run.seed)  # minibatch and agent-order draws
     checkpoint_dir = run_dir / "checkpoints"
 
+    episode_results: list[dict[str, Any]] = []  # per-episode evaluation results (marl-eval wants lists)
+
     def run_evaluation(step: int) -> dict[str, float]:
         stats = evaluate(eval_envs, algorithm, run.eval_episodes, run.seed + EVAL_SEED_OFFSET + step, device)
+        episode_results.append({"step": step, "episode_return": stats.returns, "win": stats.wins})
         return stats.summary("eval", spec.has_win)
 
     def save(step: int, iteration: int) -> None:
@@ -209,7 +212,10 @@ def train(config: TrainConfig) -> TrainResult:
                 "seconds": round(seconds, 1),
                 "final_eval": result.final_eval,
                 "best_eval": result.best_eval,
-                "evaluations": [{"step": s, **m} for s, m in evaluations],
+                "evaluations": [
+                    {"step": s, **m, "episodes": e}
+                    for (s, m), e in zip(evaluations, episode_results, strict=True)
+                ],
             },
             indent=2,
         )
