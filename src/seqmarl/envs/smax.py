@@ -8,10 +8,10 @@ touches the simulator once per step. We call `step_env` (no auto-reset) rather t
 JaxMARL's auto-reset throws away the last observation of a finished episode, which we need to bootstrap
 the value when an episode is cut by the time limit. Outputs reach torch through DLPack without a copy.
 
-Episode ends: SMAX ends an episode when one side is wiped out or after `max_steps` + 1 (101) steps. The
-first is a real terminal state (`terminated`); the second is a time-limit cut (`truncated`) unless the
-battle was decided on that same step. A win is "all enemies dead and at least one ally alive" (SMAX's won-battle
-bonus rule; both sides dying on the same step is a draw).
+Episode ends: SMAX ends an episode when one side is wiped out or after `max_steps` + 1 (101) steps.
+The first is a real terminal state (`terminated`); the second is a time-limit cut (`truncated`) unless
+the battle was decided on that same step. A win is "all enemies dead and at least one ally alive"
+(SMAX's won-battle bonus rule; both sides dying on the same step is a draw).
 """
 
 from __future__ import annotations
