@@ -55,7 +55,34 @@ def build_parser() -> argparse.ArgumentParser:
     plot = commands.add_parser("plot", help="learning curves of run directories")
     plot.add_argument("run_dirs", nargs="+", type=Path)
     plot.add_argument("--out", type=Path, default=Path("curves.png"))
+    summarize = commands.add_parser("summarize", help="IQM/CI table, figure and marl-eval JSON over seeds")
+    summarize.add_argument("run_dirs", nargs="+", type=Path)
+    summarize.add_argument("--out", type=Path, required=True, help="output folder")
+    summarize.add_argument(
+        "--threshold",
+        action="append",
+        default=[],
+        metavar="ENV=VALUE",
+        help="report the first step reaching it",
+    )
     return parser
+
+
+def _cmd_summarize(args: argparse.Namespace) -> None:
+    from seqmarl.results import markdown_table, summarize
+
+    thresholds = {}
+    for item in args.threshold:
+        env_name, sep, value = item.rpartition("=")
+        try:
+            thresholds[env_name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise UserError(f"--threshold expects ENV=VALUE (e.g. smax:3m=0.95), got {item!r}")
+    rows = summarize(args.run_dirs, args.out, thresholds)
+    print(markdown_table(rows))
+    print(f"wrote {args.out}/table.md, summary.json, marl_eval.json, curves.png")
 
 
 def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -151,7 +178,8 @@ def _cmd_plot(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"train": _cmd_train, "eval": _cmd_eval, "plot": _cmd_plot}[args.command](args)
+        commands = {"train": _cmd_train, "eval": _cmd_eval, "plot": _cmd_plot, "summarize": _cmd_summarize}
+        commands[args.command](args)
     except UserError as e:
         print(f"seqmarl: error: {e}", file=sys.stderr)
         return 2

@@ -190,6 +190,10 @@ def train(config: TrainConfig) -> TrainResult:
         if last or _due(step, previous_step, run.eval_every):
             evaluations.append((step, run_evaluation(step)))
             metrics.update(evaluations[-1][1])
+            if not run.progress:  # without a progress bar, say something at every evaluation
+                shown = ", ".join(f"{k}={v}" for k, v in _postfix(metrics, evaluations[-1][1]).items())
+                total = num_iterations * steps_per_iteration
+                print(f"[{config.algo} {spec.name} s{run.seed}] step {step:,}/{total:,}: {shown}", flush=True)
         logger.log(step, metrics)
         if last or _due(step, previous_step, run.checkpoint_every):
             save(step, iteration + 1)
