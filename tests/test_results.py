@@ -46,7 +46,7 @@ def test_summarize_writes_table_json_and_marl_eval(tmp_path):
     rows = summarize(runs, tmp_path / "out", {"smax:3m": 0.3})
     row = rows[0]
     assert row["final"] == [0.5, 0.6, 0.7] and abs(row["final_iqm"] - 0.6) < 1e-9
-    assert row["first_step_reaching"] == [100, 100, 100]
+    assert row["first_step_reaching"] == [200, 100, 100]  # win rate = return / 2 here
     data = json.loads((tmp_path / "out" / "marl_eval.json").read_text())
     step = data["smax"]["3m"]["mat"]["seed_2"]["step_2"]
     assert step["step_count"] == 200 and step["win_rate"] == [0.0, 1.0] and step["return"] == [1.4, 1.4]
