@@ -98,3 +98,46 @@ def test_train_eval_plot_smoke(env, steps, tmp_path, capsys, monkeypatch):
 
     # the same run directory is refused rather than overwritten
     assert main(argv) == 2
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+    import signal
+    import time
+
+    command = [
+        sys.executable,
+        "-m",
+        "seqmarl.cli",
+        "train",
+        "--env",
+        "smax:3m",
+        "--steps",
+        "1e7",
+        "--num-envs",
+        "4",
+        "--out-dir",
+        str(tmp_path),
+        "--run-name",
+        "term",
+        "--no-progress",
+        "--set",
+        "ppo.rollout_length=10",
+        "--set",
+        "ppo.epochs=1",
+        "--set",
+        "run.eval_every=0",
+        "--set",
+        "env.eval_envs=2",
+        "--set",
+        "run.eval_episodes=2",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "term" / "metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 4):
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "interrupted: checkpoint for step" in err and "Traceback" not in err
+    assert list((tmp_path / "term" / "checkpoints").glob("step_*.pt"))

@@ -124,3 +124,13 @@ def test_bad_inputs():
     env.reset(seed=0)
     with pytest.raises(ValueError, match="shape"):
         env.step(torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_missing_jaxmarl_names_the_extra(monkeypatch):
+    import sys
+
+    from seqmarl.errors import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "jaxmarl", None)  # makes `import jaxmarl` fail as if not installed
+    with pytest.raises(MissingExtraError, match=r"pip install 'seqmarl\[smax\]'"):
+        make_vector_env("smax:3m", 2, 0)

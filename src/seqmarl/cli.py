@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -175,8 +177,14 @@ def _cmd_plot(args: argparse.Namespace) -> None:
     print(f"wrote {plot_runs(args.run_dirs, args.out)}")
 
 
+def _sigterm_as_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # a killed job saves a checkpoint like Ctrl-C
     try:
         commands = {"train": _cmd_train, "eval": _cmd_eval, "plot": _cmd_plot, "summarize": _cmd_summarize}
         commands[args.command](args)

@@ -164,41 +164,54 @@ def train(config: TrainConfig) -> TrainResult:
     start = time.perf_counter()
     record = envs.reset(seed=run.seed)
     step = 0
-    for iteration in range(num_iterations):
-        # 1. collect
-        lr = learning_rate(config.ppo.lr, config.ppo.lr_schedule, iteration, num_iterations)
-        algorithm.begin_iteration(generator)
-        record, episodes = collect(envs, algorithm, buffer, record, device)
-        # 2. advantages
-        last_values = algorithm.values(record.obs.to(device))
-        batch = buffer.finish(
-            last_values,
-            record.alive.to(device),
-            algorithm.value_norm,
-            config.ppo.gamma,
-            config.ppo.gae_lambda,
-        )
-        # 3. update
-        metrics = algorithm.update(batch, lr, generator)
-        previous_step, step = step, step + steps_per_iteration
-        # 4. log, evaluate, save
-        elapsed = time.perf_counter() - start
-        metrics.update(episodes.summary("charts", spec.has_win))
-        metrics["charts/learning_rate"] = lr
-        metrics["charts/SPS"] = step / elapsed
-        last = iteration == num_iterations - 1
-        if last or _due(step, previous_step, run.eval_every):
-            evaluations.append((step, run_evaluation(step)))
-            metrics.update(evaluations[-1][1])
-            if not run.progress:  # without a progress bar, say something at every evaluation
-                shown = ", ".join(f"{k}={v}" for k, v in _postfix(metrics, evaluations[-1][1]).items())
-                total = num_iterations * steps_per_iteration
-                print(f"[{config.algo} {spec.name} s{run.seed}] step {step:,}/{total:,}: {shown}", flush=True)
-        logger.log(step, metrics)
-        if last or _due(step, previous_step, run.checkpoint_every):
-            save(step, iteration + 1)
-        progress.update(steps_per_iteration)
-        progress.set_postfix(_postfix(metrics, evaluations[-1][1]), refresh=False)
+    try:
+        for iteration in range(num_iterations):
+            # 1. collect
+            lr = learning_rate(config.ppo.lr, config.ppo.lr_schedule, iteration, num_iterations)
+            algorithm.begin_iteration(generator)
+            record, episodes = collect(envs, algorithm, buffer, record, device)
+            # 2. advantages
+            last_values = algorithm.values(record.obs.to(device))
+            batch = buffer.finish(
+                last_values,
+                record.alive.to(device),
+                algorithm.value_norm,
+                config.ppo.gamma,
+                config.ppo.gae_lambda,
+            )
+            # 3. update
+            metrics = algorithm.update(batch, lr, generator)
+            previous_step, step = step, step + steps_per_iteration
+            # 4. log, evaluate, save
+            elapsed = time.perf_counter() - start
+            metrics.update(episodes.summary("charts", spec.has_win))
+            metrics["charts/learning_rate"] = lr
+            metrics["charts/SPS"] = step / elapsed
+            last = iteration == num_iterations - 1
+            if last or _due(step, previous_step, run.eval_every):
+                evaluations.append((step, run_evaluation(step)))
+                metrics.update(evaluations[-1][1])
+                if not run.progress:  # without a progress bar, say something at every evaluation
+                    shown = ", ".join(f"{k}={v}" for k, v in _postfix(metrics, evaluations[-1][1]).items())
+                    total = num_iterations * steps_per_iteration
+                    print(
+                        f"[{config.algo} {spec.name} s{run.seed}] step {step:,}/{total:,}: {shown}",
+                        flush=True,
+                    )
+            logger.log(step, metrics)
+            if last or _due(step, previous_step, run.checkpoint_every):
+                save(step, iteration + 1)
+            progress.update(steps_per_iteration)
+            progress.set_postfix(_postfix(metrics, evaluations[-1][1]), refresh=False)
+    except KeyboardInterrupt:
+        # Ctrl-C (the CLI turns SIGTERM into the same) keeps the work done so far: the current state is
+        # written as a normal checkpoint before the process exits (labelled with the last finished step;
+        # an interrupt inside an update leaves that update partly applied).
+        progress.close()
+        logger.close()
+        save(step, step // steps_per_iteration)
+        print(f"interrupted: checkpoint for step {step:,} written to {checkpoint_dir}", file=sys.stderr)
+        raise
     progress.close()
     logger.close()
     envs.close()
