@@ -3,20 +3,25 @@
 The StarCraft II binary cannot be had from any package registry, so SMAX stands in for SMAC. Allies are
 our agents; enemies follow SMAX's built-in heuristic ("HeuristicEnemySMAX").
 
-All E environments step in one jitted, vmapped call that also resets finished episodes, so Python
-touches the simulator once per step. We call `step_env` (no auto-reset) rather than `step`, because
-JaxMARL's auto-reset throws away the last observation of a finished episode, which we need to bootstrap
-the value when an episode is cut by the time limit. Outputs reach torch through DLPack without a copy.
+All E environments step in one jitted, vmapped call that also splits the PRNG key, keeps the episode
+bookkeeping and resets finished episodes, so Python touches the simulator once per step. We call
+`step_env` (no auto-reset) rather than `step`, because JaxMARL's auto-reset throws away the last
+observation of a finished episode, which we need to bootstrap the value when an episode is cut by the
+time limit. Outputs reach torch through DLPack without a copy.
 
-Episode ends: SMAX ends an episode when one side is wiped out or after `max_steps` + 1 (101) steps.
-The first is a real terminal state (`terminated`); the second is a time-limit cut (`truncated`) unless
-the battle was decided on that same step. A win is "all enemies dead and at least one ally alive"
-(SMAX's won-battle bonus rule; both sides dying on the same step is a draw).
+Episode ends: SMAX ends an episode when one side is wiped out or when its step counter reaches
+`max_steps` (100) *before* counting the current step, so an undecided battle lasts max_steps + 1 (101)
+steps. The first is a real terminal state (`terminated`); the second is a time-limit cut (`truncated`)
+unless the battle was decided on that same step. A win is "all enemies dead and at least one ally alive"
+(SMAX's won-battle bonus rule in `compute_reward`; both sides dying on the same step is a draw).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import io
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -27,145 +32,192 @@ from seqmarl.types import DiscreteActions, EnvSpec, StepRecord
 EXAMPLE_MAPS = "3m, 2s3z, 8m, 5m_vs_6m, 3s5z_vs_3s6z, 27m_vs_30m"
 
 
-def _import_jaxmarl() -> tuple[Any, Any, Any, Any]:
+class Carry(NamedTuple):
+    """What the jitted step threads from one call to the next. A pytree of jax arrays."""
+
+    key: Any  # (2,) uint32 PRNG key, split inside the jitted step
+    state: Any  # HeuristicEnemySMAX State, every leaf with a leading E axis
+    episode_return: Any  # (E,) float32 return of the running episodes so far
+    episode_length: Any  # (E,) int32 steps of the running episodes so far
+
+
+def _make_smax(task: str, max_steps: int | None) -> Any:
     try:
-        import jax
-        import jax.numpy as jnp
-        from jaxmarl import make
-        from jaxmarl.environments.smax import map_name_to_scenario
+        # jaxmarl prints two lines about optional environments on import; keep our CLI's output our own.
+        with contextlib.redirect_stdout(io.StringIO()):
+            from jaxmarl import make
+            from jaxmarl.environments.smax import map_name_to_scenario
     except ImportError as error:
         raise MissingExtraError("SMAX (jaxmarl)", "smax", error) from error
-    return jax, jnp, make, map_name_to_scenario
+    try:
+        scenario = map_name_to_scenario(task)
+    except KeyError:  # map_name_to_scenario is a plain dict lookup
+        raise UserError(f"unknown SMAX map {task!r}; valid maps include {EXAMPLE_MAPS}") from None
+    limit = {} if max_steps is None else {"max_steps": max_steps}
+    return make("HeuristicEnemySMAX", scenario=scenario, **limit)
+
+
+def build_functions(env: Any, num_envs: int) -> tuple[Callable, Callable]:
+    """Pure, unjitted `reset(key) -> (carry, record)` and `step(carry, actions) -> (carry, record)`.
+
+    `actions` is (E, N) int32; a record is a dict of jax arrays named like the StepRecord fields.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    agents = list(env.agents)
+    N, E = len(agents), num_envs
+
+    def strong(tree: Any) -> Any:
+        # The recompile trap: reset gives the enemy policy state's `last_attacked_enemy` a weak int32 and
+        # step_env a strong one, so a jitted step fed by reset would compile twice (5-9 s each).
+        # convert_element_type without `weak_type=True` always yields a strong type (a no-op otherwise).
+        return jax.tree.map(lambda x: jax.lax.convert_element_type(x, x.dtype), tree)
+
+    def view(obs: dict[str, Any], state: Any) -> dict[str, Any]:
+        """What the learner sees of one env: stacked observations, state, masks, alive flags."""
+        available = env.get_avail_actions(state)
+        return {
+            "obs": jnp.stack([obs[agent] for agent in agents]).astype(jnp.float32),  # (N, O)
+            "state": obs["world_state"].astype(jnp.float32),  # (S,)
+            "action_mask": jnp.stack([available[agent] for agent in agents]).astype(jnp.bool_),  # (N, A)
+            "alive": state.state.unit_alive[:N],  # (N,) allies come first in SMAX's unit arrays
+        }
+
+    def reset_one(key: Any) -> tuple[Any, dict[str, Any]]:
+        obs, state = env.reset(key)
+        state = strong(state)
+        return state, view(obs, state)
+
+    def step_one(
+        step_key: Any, reset_key: Any, state: Any, episode_return: Any, episode_length: Any, actions: Any
+    ) -> tuple[tuple[Any, Any, Any], dict[str, Any]]:
+        obs, state, rewards, dones, _ = env.step_env(
+            step_key, state, {agent: actions[i] for i, agent in enumerate(agents)}
+        )
+        state = strong(state)
+        final = view(obs, state)
+        reward = rewards[agents[0]]  # the team reward: SMAX gives every ally the same one
+        episode_return = episode_return + reward
+        episode_length = episode_length + 1
+        done = dones["__all__"]
+        allies_left, enemies_left = state.state.unit_alive[:N].any(), state.state.unit_alive[N:].any()
+        decided = ~(allies_left & enemies_left)  # a side is wiped out: terminal even at the time limit
+
+        # vmap turns a per-env `cond` into both branches anyway, so reset every env and keep what is needed.
+        fresh_state, fresh = reset_one(reset_key)
+        where_done = lambda new, old: jnp.where(done, new, old)  # noqa: E731
+        record = {
+            **jax.tree.map(where_done, fresh, final),
+            "reward": reward,
+            "terminated": done & decided,
+            "truncated": done & ~decided,
+            "final_obs": final["obs"],
+            "final_state": final["state"],
+            "final_alive": final["alive"],
+            "episode_return": jnp.where(done, episode_return, 0.0),
+            "episode_length": jnp.where(done, episode_length, 0),
+            "won": done & allies_left & ~enemies_left,
+        }
+        carry = (
+            jax.tree.map(where_done, fresh_state, state),
+            jnp.where(done, 0.0, episode_return),
+            jnp.where(done, 0, episode_length),
+        )
+        return carry, record
+
+    def reset(key: Any) -> tuple[Carry, dict[str, Any]]:
+        key, reset_key = jax.random.split(key)
+        state, first = jax.vmap(reset_one)(jax.random.split(reset_key, E))
+        zeros, false = jnp.zeros(E, jnp.float32), jnp.zeros(E, jnp.bool_)
+        record = {
+            **first,
+            "reward": zeros,
+            "terminated": false,
+            "truncated": false,
+            "final_obs": first["obs"],
+            "final_state": first["state"],
+            "final_alive": first["alive"],
+            "episode_return": zeros,
+            "episode_length": jnp.zeros(E, jnp.int32),
+            "won": false,
+        }
+        return Carry(key, state, zeros, jnp.zeros(E, jnp.int32)), record
+
+    def step(carry: Carry, actions: Any) -> tuple[Carry, dict[str, Any]]:
+        key, step_key, reset_key = jax.random.split(carry.key, 3)
+        (state, episode_return, episode_length), record = jax.vmap(step_one)(
+            jax.random.split(step_key, E),
+            jax.random.split(reset_key, E),
+            carry.state,
+            carry.episode_return,
+            carry.episode_length,
+            actions,
+        )
+        return Carry(key, state, episode_return, episode_length), record
+
+    return reset, step
+
+
+def _to_record(arrays: dict[str, Any]) -> StepRecord:
+    tensors = {name: torch.from_dlpack(array) for name, array in arrays.items()}  # zero-copy views
+    # jax keeps 32-bit integers unless x64 is switched on globally; StepRecord promises int64 (E values).
+    tensors["episode_length"] = tensors["episode_length"].long()
+    return StepRecord(**tensors)
+
+
+class SmaxVectorEnv:
+    """E copies of one SMAX map. The constructor already resets with `seed`, so `step` works at once.
+
+    The whole vector's randomness comes from one PRNG key made from the reset seed, so the same seed and
+    the same actions give the same trajectory. Returned tensors are views of jax buffers: read them or
+    copy them, but do not write into them.
+    """
+
+    def __init__(self, task: str, num_envs: int, seed: int, max_steps: int | None = None):
+        # max_steps overrides SMAX's step limit (100); the tests use it to reach time limits quickly.
+        env = _make_smax(task, max_steps)
+        import jax
+
+        self._jax = jax
+        self.num_envs = num_envs
+        agents = list(env.agents)
+        # eval_shape traces reset without compiling it: the spec costs no XLA time.
+        obs, _ = jax.eval_shape(env.reset, jax.random.PRNGKey(0))
+        self.spec = EnvSpec(
+            name=f"smax:{task}",
+            n_agents=len(agents),
+            obs_dim=int(obs[agents[0]].shape[0]),
+            state_dim=int(obs["world_state"].shape[0]),
+            action_space=DiscreteActions(int(env.action_space(agents[0]).n)),
+            max_episode_steps=int(env.max_steps) + 1,  # see the module docstring
+            has_win=True,
+        )
+        reset, step = build_functions(env, num_envs)
+        self._reset = jax.jit(reset)
+        self._step = jax.jit(step)
+        self._carry: Carry | None = None
+        self.reset(seed)
+
+    def reset(self, seed: int) -> StepRecord:
+        self._carry, arrays = self._reset(self._jax.random.PRNGKey(seed))
+        return _to_record(arrays)
+
+    def step(self, actions: torch.Tensor) -> StepRecord:
+        if self._carry is None:
+            raise RuntimeError("step() after close(); call reset() first")
+        expected = (self.num_envs, self.spec.n_agents)
+        if tuple(actions.shape) != expected:
+            raise ValueError(f"SMAX actions must have shape {expected} (E, N), got {tuple(actions.shape)}")
+        # A (E, N) int32 array is a few hundred bytes: handing jit a numpy array (~25 us) beats a DLPack
+        # exchange (~40 us, it needs a torch int32 copy first anyway).
+        numpy_actions = actions.detach().cpu().numpy().astype(np.int32)
+        self._carry, arrays = self._step(self._carry, numpy_actions)
+        return _to_record(arrays)
+
+    def close(self) -> None:
+        self._carry = None
 
 
 def make_vector_env(task: str, num_envs: int, seed: int) -> SmaxVectorEnv:
     return SmaxVectorEnv(task, num_envs, seed)
-
-
-def _to_torch(x: Any) -> torch.Tensor:
-    return torch.from_dlpack(x)  # zero-copy view of the jax CPU buffer
-
-
-class SmaxVectorEnv:
-    def __init__(self, task: str, num_envs: int, seed: int, max_steps: int | None = None):
-        jax, jnp, make, map_name_to_scenario = _import_jaxmarl()
-        try:
-            scenario = map_name_to_scenario(task)
-        except KeyError:
-            raise UserError(f"unknown SMAX map {task!r}; e.g. {EXAMPLE_MAPS}") from None
-        # max_steps overrides SMAX's episode limit (100); the tests use it to reach time limits quickly.
-        env = make("HeuristicEnemySMAX", scenario=scenario, **({"max_steps": max_steps} if max_steps else {}))
-        self._jax, self._jnp = jax, jnp
-        self.num_envs = num_envs
-        agents = list(env.agents)
-        N = len(agents)
-        obs, _ = env.reset(jax.random.PRNGKey(0))
-        self.spec = EnvSpec(
-            name=f"smax:{task}",
-            n_agents=N,
-            obs_dim=int(obs[agents[0]].shape[0]),
-            state_dim=int(obs["world_state"].shape[0]),
-            action_space=DiscreteActions(int(env.action_space(agents[0]).n)),
-            # SMAX checks its limit before counting the step, so an undecided battle lasts max_steps + 1.
-            max_episode_steps=int(env.max_steps) + 1,
-            has_win=True,
-        )
-
-        def view(obs: dict, state: Any) -> dict[str, Any]:
-            """What an agent sees of one env: stacked observations, state, masks, alive flags."""
-            avail = env.get_avail_actions(state)
-            return {
-                "obs": jnp.stack([obs[a] for a in agents]).astype(jnp.float32),  # (N, O)
-                "state": obs["world_state"].astype(jnp.float32),  # (S,)
-                "action_mask": jnp.stack([avail[a] for a in agents]).astype(bool),  # (N, A)
-                "alive": state.state.unit_alive[:N].astype(bool),  # (N,)
-            }
-
-        def strong(tree: Any) -> Any:
-            # The recompile trap: reset returns some leaves with a weak dtype and step_env the same
-            # leaves with a strong one, so a jitted step fed by reset compiles twice (5-9 s each).
-            return jax.tree.map(lambda x: jnp.asarray(x, dtype=x.dtype), tree)  # explicit dtype: strong
-
-        def reset_one(key: Any) -> tuple[Any, dict[str, Any]]:
-            obs, state = env.reset(key)
-            return strong(state), view(obs, state)
-
-        def step_one(key, state, episode_return, episode_length, actions):
-            step_key, reset_key = jax.random.split(key)
-            obs, next_state, rewards, dones, _ = env.step_env(
-                step_key, state, {a: actions[i] for i, a in enumerate(agents)}
-            )
-            next_state = strong(next_state)
-            done = dones["__all__"]
-            alive = next_state.state.unit_alive
-            allies_left, enemies_left = alive[:N].any(), alive[N:].any()
-            battle_over = ~allies_left | ~enemies_left
-            episode_return = episode_return + rewards[agents[0]]  # the team reward: same for all allies
-            episode_length = episode_length + 1
-            final = view(obs, next_state)
-            fresh_state, fresh = reset_one(reset_key)
-            pick = lambda new, old: jnp.where(done, new, old)  # noqa: E731
-            record = {
-                **jax.tree.map(pick, fresh, final),
-                "reward": rewards[agents[0]].astype(jnp.float32),
-                "terminated": done & battle_over,
-                "truncated": done & ~battle_over,
-                "final_obs": final["obs"],
-                "final_state": final["state"],
-                "final_alive": final["alive"],
-                "episode_return": jnp.where(done, episode_return, 0.0).astype(jnp.float32),
-                "episode_length": jnp.where(done, episode_length, 0).astype(jnp.int32),
-                "won": done & ~enemies_left & allies_left,
-            }
-            carry = (
-                jax.tree.map(pick, fresh_state, next_state),
-                jnp.where(done, 0.0, episode_return).astype(jnp.float32),
-                jnp.where(done, 0, episode_length).astype(jnp.int32),
-            )
-            return carry, record
-
-        self._reset = jax.jit(jax.vmap(reset_one))
-        self._step = jax.jit(jax.vmap(step_one))
-        self._key = jax.random.PRNGKey(seed)
-        self._carry: tuple[Any, Any, Any] | None = None
-
-    def _next_keys(self) -> Any:
-        self._key, sub = self._jax.random.split(self._key)
-        return self._jax.random.split(sub, self.num_envs)
-
-    def reset(self, seed: int) -> StepRecord:
-        jnp = self._jnp
-        self._key = self._jax.random.PRNGKey(seed)
-        state, view = self._reset(self._next_keys())
-        E = self.num_envs
-        self._carry = (state, jnp.zeros(E, jnp.float32), jnp.zeros(E, jnp.int32))
-        zeros, false = torch.zeros(E), torch.zeros(E, dtype=torch.bool)
-        tensors = {k: _to_torch(v) for k, v in view.items()}
-        return StepRecord(
-            **tensors,
-            reward=zeros,
-            terminated=false,
-            truncated=false,
-            final_obs=tensors["obs"],
-            final_state=tensors["state"],
-            final_alive=tensors["alive"],
-            episode_return=zeros,
-            episode_length=torch.zeros(E, dtype=torch.long),
-            won=false,
-        )
-
-    def step(self, actions: torch.Tensor) -> StepRecord:
-        if self._carry is None:
-            raise RuntimeError("call reset() before step()")
-        expected = (self.num_envs, self.spec.n_agents)
-        if tuple(actions.shape) != expected:
-            raise ValueError(f"SMAX actions must have shape {expected} (E, N), got {tuple(actions.shape)}")
-        # A (E, N) int32 array is a few hundred bytes: one numpy hop is cheaper than a DLPack exchange.
-        jax_actions = self._jnp.asarray(actions.detach().cpu().numpy().astype(np.int32))
-        self._carry, record = self._step(self._next_keys(), *self._carry, jax_actions)
-        tensors = {k: _to_torch(v) for k, v in record.items()}
-        tensors["episode_length"] = tensors["episode_length"].long()
-        return StepRecord(**tensors)
-
-    def close(self) -> None:
-        self._carry = None
