@@ -183,8 +183,9 @@ def _sigterm_as_interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # a killed job saves a checkpoint like Ctrl-C
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    if on_main_thread:  # a killed job saves a checkpoint like Ctrl-C; restored on return (main is reusable)
+        previous_handler = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         commands = {"train": _cmd_train, "eval": _cmd_eval, "plot": _cmd_plot, "summarize": _cmd_summarize}
         commands[args.command](args)
@@ -194,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("seqmarl: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
     return 0
 
 
