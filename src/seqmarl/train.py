@@ -54,6 +54,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_description() -> dict[str, Any]:
     """What produced a number: commit, machine, library versions (written into every run directory)."""
     try:
@@ -70,7 +81,7 @@ def machine_description() -> dict[str, Any]:
     return {
         "commit": commit,
         "host": platform.node(),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
+        "machine": f"{_cpu_model()}, {os.cpu_count()} cpus",
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
