@@ -190,3 +190,23 @@ def test_missing_jaxmarl_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "jaxmarl", None)  # makes `import jaxmarl` fail as if not installed
     with pytest.raises(MissingExtraError, match=r"pip install 'seqmarl\[smax\]'"):
         make_vector_env("smax:3m", 2, 0)
+
+
+def test_importing_jaxmarl_keeps_our_stdout_and_stderr():
+    # jaxmarl's mabrax module resets sys.stdout/sys.stderr to the interpreter's originals on import;
+    # the adapter must leave a caller's redirection (and pytest's capture) in place. Fresh interpreter,
+    # since jaxmarl is imported once per process.
+    import subprocess
+    import sys
+
+    code = (
+        "import io, sys\n"
+        "out, err = io.StringIO(), io.StringIO()\n"
+        "sys.stdout, sys.stderr = out, err\n"
+        "from seqmarl.envs.registry import make_vector_env\n"
+        "make_vector_env('smax:3m', 1, 0)\n"
+        "ok = sys.stdout is out and sys.stderr is err\n"
+        "sys.__stdout__.write(f'{ok} {out.getvalue()!r}')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout == "True ''", result.stdout + result.stderr

@@ -18,8 +18,8 @@ unless the battle was decided on that same step. A win is "all enemies dead and 
 
 from __future__ import annotations
 
-import contextlib
 import io
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -42,13 +42,21 @@ class Carry(NamedTuple):
 
 
 def _make_smax(task: str, max_steps: int | None) -> Any:
+    # jaxmarl prints two lines about optional environments on import; keep our CLI's output our own. One of
+    # its modules (mabrax) also silences sys.stdout/sys.stderr and then resets both to sys.__stdout__ and
+    # sys.__stderr__, which would undo any redirection (pytest's capture, a caller's redirect_stdout) and
+    # let the chatter through. So during the import the "originals" are a sink and the current stderr.
+    saved = sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__
+    sink = io.StringIO()
     try:
-        # jaxmarl prints two lines about optional environments on import; keep our CLI's output our own.
-        with contextlib.redirect_stdout(io.StringIO()):
-            from jaxmarl import make
-            from jaxmarl.environments.smax import map_name_to_scenario
+        sys.stdout = sys.__stdout__ = sink
+        sys.__stderr__ = saved[1]
+        from jaxmarl import make
+        from jaxmarl.environments.smax import map_name_to_scenario
     except ImportError as error:
         raise MissingExtraError("SMAX (jaxmarl)", "smax", error) from error
+    finally:
+        sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__ = saved
     try:
         scenario = map_name_to_scenario(task)
     except KeyError:  # map_name_to_scenario is a plain dict lookup
