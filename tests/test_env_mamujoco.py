@@ -13,7 +13,7 @@ from gymnasium_robotics import mamujoco_v1
 from seqmarl.envs.mamujoco import MaMujocoVectorEnv, make_vector_env, shared_action_bounds
 from seqmarl.envs.registry import make_vector_env as make_any_vector_env
 from seqmarl.errors import MissingExtraError, UserError
-from seqmarl.types import ContinuousActions, StepRecord
+from seqmarl.types import ContinuousActions, StepRecord, step_record_layout
 
 CHEETAH = "HalfCheetah-6x1"
 CHEETAH_SHORT_OBS_AGENTS = [2, 5]  # the feet see one joint fewer: 8 values instead of 9
@@ -32,23 +32,7 @@ def random_actions(env: MaMujocoVectorEnv, generator: torch.Generator) -> torch.
 
 
 def assert_record_contract(record: StepRecord, env: MaMujocoVectorEnv) -> None:
-    E, N, O, S = env.num_envs, env.spec.n_agents, env.spec.obs_dim, env.spec.state_dim
-    A = env.spec.action_space.mask_width
-    expected = {
-        "obs": ((E, N, O), torch.float32),
-        "state": ((E, S), torch.float32),
-        "action_mask": ((E, N, A), torch.bool),
-        "alive": ((E, N), torch.bool),
-        "reward": ((E,), torch.float32),
-        "terminated": ((E,), torch.bool),
-        "truncated": ((E,), torch.bool),
-        "final_obs": ((E, N, O), torch.float32),
-        "final_state": ((E, S), torch.float32),
-        "final_alive": ((E, N), torch.bool),
-        "episode_return": ((E,), torch.float32),
-        "episode_length": ((E,), torch.int64),
-        "won": ((E,), torch.bool),
-    }
+    expected = step_record_layout(env.spec, env.num_envs)
     for name, (shape, dtype) in expected.items():
         tensor = getattr(record, name)
         assert tuple(tensor.shape) == shape, name

@@ -11,25 +11,11 @@ import torch
 from seqmarl.envs.registry import make_vector_env
 from seqmarl.envs.smax import SmaxVectorEnv
 from seqmarl.errors import MissingExtraError, UserError
-from seqmarl.types import StepRecord
+from seqmarl.types import DiscreteActions, EnvSpec, StepRecord, step_record_layout
 
 E, N, O, S, A = 4, 3, 75, 72, 8  # 3m: 3 marines against 3
+LAYOUT = step_record_layout(EnvSpec("smax:3m", N, O, S, DiscreteActions(A), 101, True), E)
 STOP = 4  # SMAX's discrete actions: 4 moves, stop, then "attack enemy i" from index 5
-SHAPES_AND_DTYPES = {
-    "obs": ((E, N, O), torch.float32),
-    "state": ((E, S), torch.float32),
-    "action_mask": ((E, N, A), torch.bool),
-    "alive": ((E, N), torch.bool),
-    "reward": ((E,), torch.float32),
-    "terminated": ((E,), torch.bool),
-    "truncated": ((E,), torch.bool),
-    "final_obs": ((E, N, O), torch.float32),
-    "final_state": ((E, S), torch.float32),
-    "final_alive": ((E, N), torch.bool),
-    "episode_return": ((E,), torch.float32),
-    "episode_length": ((E,), torch.int64),
-    "won": ((E,), torch.bool),
-}
 
 
 def random_valid_actions(record: StepRecord, generator: torch.Generator) -> torch.Tensor:
@@ -46,7 +32,7 @@ def focus_fire(record: StepRecord) -> torch.Tensor:
 
 
 def assert_shapes_and_dtypes(record: StepRecord) -> None:
-    for name, (shape, dtype) in SHAPES_AND_DTYPES.items():
+    for name, (shape, dtype) in LAYOUT.items():
         tensor = getattr(record, name)
         assert (tuple(tensor.shape), tensor.dtype) == (shape, dtype), name
 
@@ -162,7 +148,7 @@ def test_same_seed_same_trajectory(env):
             trajectory.append(record)
         trajectories.append(trajectory)
     for first, second in zip(*trajectories):
-        for name in SHAPES_AND_DTYPES:
+        for name in LAYOUT:
             assert torch.equal(getattr(first, name), getattr(second, name)), name
     assert not torch.equal(env.reset(seed=8).obs, other.reset(seed=7).obs)
 

@@ -86,3 +86,23 @@ class StepRecord:
     @property
     def done(self) -> torch.Tensor:  # (E,) bool
         return self.terminated | self.truncated
+
+
+def step_record_layout(spec: EnvSpec, num_envs: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The shape and dtype every StepRecord field must have for `num_envs` copies of `spec`."""
+    E, N, O, S, A = num_envs, spec.n_agents, spec.obs_dim, spec.state_dim, spec.action_space.mask_width
+    return {
+        "obs": ((E, N, O), torch.float32),
+        "state": ((E, S), torch.float32),
+        "action_mask": ((E, N, A), torch.bool),
+        "alive": ((E, N), torch.bool),
+        "reward": ((E,), torch.float32),
+        "terminated": ((E,), torch.bool),
+        "truncated": ((E,), torch.bool),
+        "final_obs": ((E, N, O), torch.float32),
+        "final_state": ((E, S), torch.float32),
+        "final_alive": ((E, N), torch.bool),
+        "episode_return": ((E,), torch.float32),
+        "episode_length": ((E,), torch.int64),
+        "won": ((E,), torch.bool),
+    }
