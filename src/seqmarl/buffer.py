@@ -62,6 +62,16 @@ class RolloutBatch:
     def index(self, idx: torch.Tensor) -> RolloutBatch:
         return RolloutBatch(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
 
+    def agents_in_order(self, order: torch.Tensor) -> RolloutBatch:
+        """The same samples with the agent axis rearranged so that position k holds agent order[k]."""
+        per_agent = ("obs", "action_mask", "alive", "actions", "log_prob", "values")
+        return RolloutBatch(
+            *(
+                getattr(self, f)[:, order] if f in per_agent else getattr(self, f)
+                for f in self.__dataclass_fields__
+            )
+        )
+
 
 class RolloutBuffer:
     def __init__(self, spec: EnvSpec, T: int, E: int, device: torch.device):

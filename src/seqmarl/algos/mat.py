@@ -63,12 +63,14 @@ class MATAlgorithm:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.value_norm.update(batch.returns)
+        # Everything below is in decision order (sequence position k = agent order[k]), rearranged once
+        # here rather than in every minibatch.
+        batch = batch.agents_in_order(self.order)
         alive = batch.alive  # (B, N)
         N = alive.shape[1]
         # One joint advantage per env-step, shared by every agent token (REFERENCE.md 1).
         advantages = ppo_losses.normalize_advantages(batch.advantages[:, None].expand(-1, N), alive)
         targets = self.value_norm.normalize(batch.returns)[:, None].expand(-1, N)  # (B, N)
-        order = self.order
 
         totals: dict[str, torch.Tensor] = {}
         updates = 0
@@ -79,15 +81,14 @@ class MATAlgorithm:
             for start in range(0, B - minibatch_size + 1, minibatch_size):
                 idx = permutation[start : start + minibatch_size]
                 mb = batch.index(idx)
-                # Everything below is in decision order (sequence position k = agent order[k]).
-                out = self.model.evaluate(mb.obs[:, order], mb.action_mask[:, order], mb.actions[:, order])
-                mask = mb.alive[:, order]
+                out = self.model.evaluate(mb.obs, mb.action_mask, mb.actions)
+                mask = mb.alive
                 policy_loss, diagnostics = ppo_losses.clipped_surrogate(
-                    out.log_prob, mb.log_prob[:, order], advantages[idx][:, order], ppo.clip, mask
+                    out.log_prob, mb.log_prob, advantages[idx], ppo.clip, mask
                 )
                 value_loss = ppo_losses.clipped_value_loss(
                     out.value,
-                    mb.values[:, order],
+                    mb.values,
                     targets[idx],
                     ppo.value_clip,
                     ppo.huber_delta or None,
