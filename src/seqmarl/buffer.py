@@ -48,13 +48,14 @@ class RolloutBatch:
     """A finished rollout flattened to B = T * E samples, ready for minibatching."""
 
     obs: torch.Tensor  # (B, N, O)
+    state: torch.Tensor  # (B, S)
     action_mask: torch.Tensor  # (B, N, A)
     alive: torch.Tensor  # (B, N)
     actions: torch.Tensor  # (B, N) or (B, N, A)
     log_prob: torch.Tensor  # (B, N)
     values: torch.Tensor  # (B, N) per-agent values at collection (normalised scale)
-    advantages: torch.Tensor  # (B,) joint advantages
-    returns: torch.Tensor  # (B,) joint value targets (raw scale)
+    advantages: torch.Tensor  # (B,) joint advantages, or (B, N) per-agent ones
+    returns: torch.Tensor  # value targets (raw scale), same shape as advantages
 
     def __len__(self) -> int:
         return self.obs.shape[0]
@@ -64,7 +65,9 @@ class RolloutBatch:
 
     def agents_in_order(self, order: torch.Tensor) -> RolloutBatch:
         """The same samples with the agent axis rearranged so that position k holds agent order[k]."""
-        per_agent = ("obs", "action_mask", "alive", "actions", "log_prob", "values")
+        per_agent = {"obs", "action_mask", "alive", "actions", "log_prob", "values"}
+        if self.advantages.dim() == 2:
+            per_agent |= {"advantages", "returns"}
         return RolloutBatch(
             *(
                 getattr(self, f)[:, order] if f in per_agent else getattr(self, f)
@@ -75,10 +78,11 @@ class RolloutBatch:
 
 class RolloutBuffer:
     def __init__(self, spec: EnvSpec, T: int, E: int, device: torch.device):
-        N, O, A = spec.n_agents, spec.obs_dim, spec.action_space.mask_width
+        N, O, S, A = spec.n_agents, spec.obs_dim, spec.state_dim, spec.action_space.mask_width
         self.T, self.E = T, E
         z = dict(device=device)
         self.obs = torch.zeros(T, E, N, O, **z)
+        self.state = torch.zeros(T, E, S, **z)
         self.action_mask = torch.zeros(T, E, N, A, dtype=torch.bool, **z)
         self.alive = torch.zeros(T, E, N, dtype=torch.bool, **z)
         action_shape = (T, E, N) if spec.discrete else (T, E, N, A)
@@ -91,6 +95,9 @@ class RolloutBuffer:
         # Per-agent values of the final observation of episodes truncated at step t (zeros elsewhere).
         self.final_values = torch.zeros(T, E, N, **z)
         self.final_alive = torch.zeros(T, E, N, dtype=torch.bool, **z)
+        # The last observation/state of episodes truncated at step t (for off-policy bootstrapping).
+        self.final_obs = torch.zeros(T, E, N, O, **z)
+        self.final_state = torch.zeros(T, E, S, **z)
 
     def finish(
         self,
@@ -99,17 +106,30 @@ class RolloutBuffer:
         normalizer: RunningMeanStd,
         gamma: float,
         gae_lambda: float,
+        per_agent: bool = False,
     ) -> RolloutBatch:
-        """Joint advantages and returns, given the values of the observation after the last step."""
-        values = joint_value(normalizer.denormalize(self.values), self.alive)  # (T, E)
-        following = torch.cat(
-            [values[1:], joint_value(normalizer.denormalize(last_values), last_alive)[None]]
-        )
-        bootstrap = joint_value(normalizer.denormalize(self.final_values), self.final_alive)  # (T, E)
-        next_values = torch.where(self.truncated, bootstrap, following)
-        next_values = next_values.masked_fill(self.terminated, 0.0)
-        continues = (~(self.terminated | self.truncated)).to(values.dtype)
-        advantages = compute_gae(self.rewards, values, next_values, continues, gamma, gae_lambda)
+        """Advantages and returns, given the values of the observation after the last step.
+
+        Joint (default, MAT): one advantage per env-step from the mean of the alive agents' values.
+        per_agent: every agent gets its own GAE trace from its own value and the team reward (the
+        "local advantage" of MAT-Dec, and MAPPO/IPPO's per-agent critics).
+        """
+        values = normalizer.denormalize(self.values)  # (T, E, N)
+        last = normalizer.denormalize(last_values)  # (E, N)
+        bootstrap = normalizer.denormalize(self.final_values)  # (T, E, N)
+        rewards, truncated, terminated = self.rewards, self.truncated, self.terminated
+        if per_agent:
+            rewards = rewards[..., None].expand_as(values)
+            truncated, terminated = truncated[..., None], terminated[..., None]
+        else:
+            values = joint_value(values, self.alive)  # (T, E)
+            last = joint_value(last, last_alive)  # (E,)
+            bootstrap = joint_value(bootstrap, self.final_alive)  # (T, E)
+        following = torch.cat([values[1:], last[None]])
+        next_values = torch.where(truncated, bootstrap, following)
+        next_values = next_values.masked_fill(terminated, 0.0)
+        continues = (~(terminated | truncated)).to(values.dtype).expand_as(values)
+        advantages = compute_gae(rewards, values, next_values, continues, gamma, gae_lambda)
         returns = advantages + values
 
         def flat(x: torch.Tensor) -> torch.Tensor:
@@ -117,6 +137,7 @@ class RolloutBuffer:
 
         return RolloutBatch(
             obs=flat(self.obs),
+            state=flat(self.state),
             action_mask=flat(self.action_mask),
             alive=flat(self.alive),
             actions=flat(self.actions),

@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="train an algorithm on a task")
-    train.add_argument("--algo", default="mat", help="algorithm (mat)")
+    train.add_argument("--algo", default="mat", help="algorithm: mat, mat_dec, mappo, ippo, happo, qmix")
     train.add_argument(
         "--env", default="smax:3m", help="task, FAMILY:TASK (smax:3m, mamujoco:HalfCheetah-6x1)"
     )
@@ -92,7 +92,7 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     from seqmarl.envs.registry import split_env_name
 
     split_env_name(args.env)  # fail on a bad env name before anything else happens
-    overrides: dict[str, Any] = {} if args.no_preset else preset_for(args.env)
+    overrides: dict[str, Any] = {} if args.no_preset else preset_for(args.env, args.algo)
     for path in args.config:
         overrides = merge(overrides, load_yaml(path))
     flags: dict[str, Any] = {"algo": args.algo, "env": {"name": args.env}, "run": {}}

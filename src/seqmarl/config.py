@@ -19,6 +19,7 @@ import yaml
 
 from seqmarl.errors import UserError
 from seqmarl.nn.mat import MATConfig
+from seqmarl.nn.mlp import MLPConfig
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,8 @@ class RunConfig:
 class TrainConfig:
     algo: str = "mat"
     env: EnvConfig = field(default_factory=EnvConfig)
-    model: MATConfig = field(default_factory=MATConfig)
+    model: MATConfig = field(default_factory=MATConfig)  # MAT, and MAT-Dec's encoder
+    mlp: MLPConfig = field(default_factory=MLPConfig)  # MLP actors/critics (MAT-Dec, MAPPO, IPPO, HAPPO)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -100,7 +102,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-SECTIONS = ("env", "model", "ppo", "run")
+SECTIONS = ("env", "model", "mlp", "ppo", "run")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -193,15 +195,16 @@ def load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-def preset_for(env_name: str) -> dict[str, Any]:
+def preset_for(env_name: str, algo: str = "mat") -> dict[str, Any]:
     """The paper's settings for a task (REFERENCE.md 2), from configs/FAMILY.yaml: family defaults, then
-    the task's own entries."""
+    the task's own entries, then the algorithm's entries (`algorithms.ALGO`)."""
     family, _, task = env_name.partition(":")
     resource = resources.files("seqmarl") / "configs" / f"{family}.yaml"
     if not resource.is_file():
         return {}
     data = yaml.safe_load(resource.read_text()) or {}
-    return merge(data.get("defaults", {}), (data.get("tasks") or {}).get(task, {}))
+    preset = merge(data.get("defaults", {}), (data.get("tasks") or {}).get(task, {}))
+    return merge(preset, (data.get("algorithms") or {}).get(algo, {}))
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:

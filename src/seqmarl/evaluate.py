@@ -10,7 +10,7 @@ import math
 import torch
 
 from seqmarl.envs.base import VectorEnv
-from seqmarl.rollout import EpisodeStats
+from seqmarl.rollout import EpisodeStats, reset_finished
 
 
 @torch.no_grad()
@@ -26,9 +26,17 @@ def evaluate(
     rounds = math.ceil(episodes / E)
     per_env: list[list[tuple[float, int, bool]]] = [[] for _ in range(E)]
     record = envs.reset(seed)
+    hidden = algorithm.initial_hidden(E)
     while min(len(results) for results in per_env) < rounds:
-        out = algorithm.act(record.obs.to(device), record.action_mask.to(device), deterministic=deterministic)
+        out = algorithm.act(
+            record.obs.to(device),
+            record.state.to(device),
+            record.action_mask.to(device),
+            hidden,
+            deterministic=deterministic,
+        )
         record = envs.step(out.actions)
+        hidden = reset_finished(out.hidden, record.done)
         for e in record.done.nonzero().flatten().tolist():
             if len(per_env[e]) < rounds:
                 per_env[e].append(

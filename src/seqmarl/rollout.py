@@ -43,19 +43,36 @@ class EpisodeStats:
         return out
 
 
-def collect(
-    envs: VectorEnv, algorithm, buffer: RolloutBuffer, record: StepRecord, device: torch.device
-) -> tuple[StepRecord, EpisodeStats]:
-    """Fill `buffer` with T steps starting from `record` (the current observation of every env).
+def reset_finished(hidden: torch.Tensor | None, done: torch.Tensor) -> torch.Tensor | None:
+    """Zero the recurrent state (E, ...) of envs whose episode just ended; None stays None."""
+    if hidden is None:
+        return None
+    keep = (~done).to(hidden.device, hidden.dtype).view(-1, *([1] * (hidden.dim() - 1)))
+    return hidden * keep
 
-    Returns the record after the last step (the next rollout starts there) and the finished episodes.
+
+def collect(
+    envs: VectorEnv,
+    algorithm,
+    buffer: RolloutBuffer,
+    record: StepRecord,
+    hidden: torch.Tensor | None,
+    device: torch.device,
+) -> tuple[StepRecord, torch.Tensor | None, EpisodeStats]:
+    """Fill `buffer` with T steps starting from `record` (the current observation of every env) and
+    `hidden` (the algorithm's recurrent state per env, None for feed-forward policies).
+
+    Returns the record and recurrent state after the last step (the next rollout starts there) and the
+    finished episodes.
     """
     stats = EpisodeStats()
     for t in range(buffer.T):
         obs = record.obs.to(device, non_blocking=True)  # (E, N, O)
+        state = record.state.to(device, non_blocking=True)  # (E, S)
         mask = record.action_mask.to(device, non_blocking=True)  # (E, N, A)
-        out = algorithm.act(obs, mask)
+        out = algorithm.act(obs, state, mask, hidden)
         buffer.obs[t] = obs
+        buffer.state[t] = state
         buffer.action_mask[t] = mask
         buffer.alive[t] = record.alive.to(device, non_blocking=True)
         buffer.actions[t] = out.actions
@@ -67,8 +84,13 @@ def collect(
         buffer.terminated[t] = record.terminated.to(device, non_blocking=True)
         buffer.truncated[t] = record.truncated.to(device, non_blocking=True)
         if bool(record.truncated.any()):
-            # Time-limit cut: keep the value of the last observation to bootstrap from (not a death).
-            buffer.final_values[t] = algorithm.values(record.final_obs.to(device))
+            # Time-limit cut: keep the last observation and its value to bootstrap from (not a death).
+            final_obs = record.final_obs.to(device)
+            final_state = record.final_state.to(device)
+            buffer.final_obs[t] = final_obs
+            buffer.final_state[t] = final_state
+            buffer.final_values[t] = algorithm.values(final_obs, final_state)
             buffer.final_alive[t] = record.final_alive.to(device)
+        hidden = reset_finished(out.hidden, record.done)
         stats.add(record)
-    return record, stats
+    return record, hidden, stats

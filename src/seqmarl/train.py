@@ -1,7 +1,7 @@
 """The one trainer: seed -> envs -> algorithm -> loop(collect, advantages, update, evaluate, log, save).
 
 Read top to bottom like cleanrl: every algorithm and env goes through this loop; algorithms differ only
-in their network and their update().
+in their networks and their learn() (seqmarl/algos/base.py has the interface).
 """
 
 from __future__ import annotations
@@ -174,24 +174,16 @@ def train(config: TrainConfig) -> TrainResult:
     )
     start = time.perf_counter()
     record = envs.reset(seed=run.seed)
+    hidden = algorithm.initial_hidden(E)  # recurrent policies' state per env (None if feed-forward)
     step = 0
     try:
         for iteration in range(num_iterations):
             # 1. collect
             lr = learning_rate(config.ppo.lr, config.ppo.lr_schedule, iteration, num_iterations)
-            algorithm.begin_iteration(generator)
-            record, episodes = collect(envs, algorithm, buffer, record, device)
-            # 2. advantages
-            last_values = algorithm.values(record.obs.to(device))
-            batch = buffer.finish(
-                last_values,
-                record.alive.to(device),
-                algorithm.value_norm,
-                config.ppo.gamma,
-                config.ppo.gae_lambda,
-            )
-            # 3. update
-            metrics = algorithm.update(batch, lr, generator)
+            algorithm.begin_iteration(generator, step)
+            record, hidden, episodes = collect(envs, algorithm, buffer, record, hidden, device)
+            # 2. learn: advantages + PPO update (on-policy), or store + replayed updates (off-policy)
+            metrics = algorithm.learn(buffer, record, lr, generator)
             previous_step, step = step, step + steps_per_iteration
             # 4. log, evaluate, save
             elapsed = time.perf_counter() - start

@@ -106,3 +106,22 @@ def step_record_layout(spec: EnvSpec, num_envs: int) -> dict[str, tuple[tuple[in
         "episode_length": ((E,), torch.int64),
         "won": ((E,), torch.bool),
     }
+
+
+@dataclass
+class ActOutput:
+    """What a policy returns while acting. Shapes for B rows (envs) of N agents."""
+
+    actions: torch.Tensor  # (B, N) int64 or (B, N, A) float32
+    log_prob: torch.Tensor  # (B, N) (zeros for value-based algorithms)
+    value: torch.Tensor  # (B, N) per-agent values, normalised scale (zeros for value-based algorithms)
+    hidden: torch.Tensor | None = None  # recurrent state after this step, (B, ...), or None
+
+
+@dataclass
+class EvalOutput:
+    """A teacher-forced pass over stored actions (the PPO update)."""
+
+    log_prob: torch.Tensor  # (B, N)
+    entropy: torch.Tensor  # (B, N)
+    value: torch.Tensor  # (B, N)

@@ -28,18 +28,36 @@ def clipped_surrogate(
     advantages: torch.Tensor,
     clip: float,
     mask: torch.Tensor,
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped objective per token, returned as a loss to minimise, with diagnostics."""
+    """PPO's clipped objective per token, returned as a loss to minimise, with diagnostics.
+
+    `weight` multiplies each token's clipped objective: HAPPO's correction factor (the product of the
+    already-updated agents' probability ratios, see `happo_correction`); None means 1.
+    """
     log_ratio = log_prob - old_log_prob
     ratio = log_ratio.exp()
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - clip, 1.0 + clip) * advantages
-    loss = -masked_mean(torch.minimum(unclipped, clipped), mask)
+    objective = torch.minimum(unclipped, clipped)
+    if weight is not None:
+        objective = weight * objective
+    loss = -masked_mean(objective, mask)
     with torch.no_grad():
         # Schulman's low-variance KL estimator (cleanrl's approx_kl), and how often the clip bit.
         approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)
         clip_fraction = masked_mean(((ratio - 1.0).abs() > clip).float(), mask)
     return loss, {"approx_kl": approx_kl, "clip_fraction": clip_fraction}
+
+
+def happo_correction(
+    factor: torch.Tensor, new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, alive: torch.Tensor
+) -> torch.Tensor:
+    """HAPPO (Kuba et al. 2022): after agent i's update, the factor of every sample is multiplied by
+    agent i's new/old probability ratio, so the next agent's advantage is corrected for the policy
+    changes already made. Dead agents (forced no-op) change nothing. All (B,); no gradient flows."""
+    ratio = (new_log_prob - old_log_prob).exp()
+    return (factor * torch.where(alive, ratio, torch.ones_like(ratio))).detach()
 
 
 def clipped_value_loss(

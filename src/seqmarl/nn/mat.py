@@ -30,7 +30,7 @@ from torch import nn
 
 from seqmarl.nn import distributions as dist
 from seqmarl.nn.layers import MLP, RELU_GAIN, SMALL_GAIN, Attention, KVCache, init_linear
-from seqmarl.types import ContinuousActions, DiscreteActions, EnvSpec
+from seqmarl.types import ActOutput, ContinuousActions, DiscreteActions, EnvSpec, EvalOutput
 
 
 @dataclass(frozen=True)
@@ -43,20 +43,6 @@ class MATConfig:
     pre_norm: bool = False  # pre-LayerNorm blocks; False is the reference's post-LayerNorm
     std_init: float = 1.0  # continuous only: initial pre-sigmoid std parameter (reference: 1)
     std_scale: float = 0.5  # continuous only: std = sigmoid(param) * std_scale (reference: 0.5)
-
-
-@dataclass
-class ActOutput:
-    actions: torch.Tensor  # (B, N) int64 or (B, N, A) float32
-    log_prob: torch.Tensor  # (B, N)
-    value: torch.Tensor  # (B, N) per-agent values (normalised scale)
-
-
-@dataclass
-class EvalOutput:
-    log_prob: torch.Tensor  # (B, N)
-    entropy: torch.Tensor  # (B, N)
-    value: torch.Tensor  # (B, N)
 
 
 class EncoderBlock(nn.Module):
@@ -142,16 +128,13 @@ def _head(n_embd: int, n_out: int) -> nn.Sequential:
     )
 
 
-class MultiAgentTransformer(nn.Module):
-    def __init__(self, config: MATConfig, spec: EnvSpec):
-        super().__init__()
-        self.config = config
-        self.discrete = isinstance(spec.action_space, DiscreteActions)
-        E = config.n_embd
-        A = spec.action_space.mask_width
-        self.action_width = A
+class EncoderMixin:
+    """MAT's encoder (observation embedding, unmasked self-attention blocks, per-agent value head), shared
+    by MAT and MAT-Dec. A mixin rather than a submodule so the parameter names stay flat."""
 
-        # Encoder: LayerNorm -> Linear -> GELU observation embedding (reference), blocks, value head.
+    def _build_encoder(self, config: MATConfig, spec: EnvSpec) -> None:
+        E = config.n_embd
+        # LayerNorm -> Linear -> GELU observation embedding (reference), blocks, value head.
         self.obs_embed = nn.Sequential(
             nn.LayerNorm(spec.obs_dim), init_linear(nn.Linear(spec.obs_dim, E), RELU_GAIN)
         )
@@ -159,6 +142,28 @@ class MultiAgentTransformer(nn.Module):
         self.enc_blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_block))
         self.enc_ln_final = nn.LayerNorm(E) if config.pre_norm else nn.Identity()
         self.value_head = _head(E, 1)
+
+    def encode(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """obs (B, N, O) -> encoded tokens (B, N, E), per-agent values (B, N)."""
+        x = self.enc_ln(F.gelu(self.obs_embed(obs)))  # (B, N, E)
+        for block in self.enc_blocks:
+            x = block(x)
+        rep = self.enc_ln_final(x)
+        return rep, self.value_head(rep).squeeze(-1)
+
+    def values(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.encode(obs)[1]  # (B, N)
+
+
+class MultiAgentTransformer(EncoderMixin, nn.Module):
+    def __init__(self, config: MATConfig, spec: EnvSpec):
+        super().__init__()
+        self.config = config
+        self.discrete = isinstance(spec.action_space, DiscreteActions)
+        E = config.n_embd
+        A = spec.action_space.mask_width
+        self.action_width = A
+        self._build_encoder(config, spec)
 
         # Decoder: action-token embedding, blocks, policy head.
         if self.discrete:
@@ -174,18 +179,6 @@ class MultiAgentTransformer(nn.Module):
         self.dec_blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.n_block))
         self.dec_ln_final = nn.LayerNorm(E) if config.pre_norm else nn.Identity()
         self.policy_head = _head(E, A)
-
-    # ----------------------------------------------------------------------------------------- encoder
-    def encode(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """obs (B, N, O) -> encoded tokens (B, N, E), per-agent values (B, N)."""
-        x = self.enc_ln(F.gelu(self.obs_embed(obs)))  # (B, N, E)
-        for block in self.enc_blocks:
-            x = block(x)
-        rep = self.enc_ln_final(x)
-        return rep, self.value_head(rep).squeeze(-1)
-
-    def values(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.encode(obs)[1]  # (B, N)
 
     # ----------------------------------------------------------------------------------------- decoder
     def _embed_actions(self, prev: torch.Tensor | None, B: int, device: torch.device) -> torch.Tensor:
