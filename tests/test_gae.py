@@ -71,3 +71,28 @@ def test_buffer_bootstraps_truncation_but_not_termination():
     # step 0 continues into step 1 of the same episode: (0 + 1 - 1) + adv[1]
     assert adv[0, 0].item() == 4.0 and adv[0, 1].item() == -1.0
     torch.testing.assert_close(batch.returns, batch.advantages + 1.0)
+
+
+def test_per_agent_advantages_run_one_trace_per_agent():
+    """per_agent=True (MAT-Dec, MAPPO, IPPO): agent i's advantages are GAE on its own values."""
+    torch.manual_seed(0)
+    T, E, N, gamma, lam = 4, 2, 3, 0.9, 0.8
+    buf = _buffer(T, E, N)
+    buf.values[:] = torch.rand(T, E, N)
+    buf.rewards[:] = torch.rand(T, E)
+    buf.terminated[2, 1] = True
+    buf.truncated[1, 0] = True
+    buf.final_values[1] = torch.rand(E, N)
+    last = torch.rand(E, N)
+    batch = buf.finish(last, torch.ones(E, N, dtype=torch.bool), IdentityNormalizer(), gamma, lam, per_agent=True)
+    adv = batch.advantages.reshape(T, E, N)
+    for e in range(E):
+        for i in range(N):
+            values = buf.values[:, e, i]
+            following = torch.cat([values[1:], last[e, i : i + 1]])
+            next_values = torch.where(buf.truncated[:, e], buf.final_values[:, e, i], following)
+            next_values = next_values.masked_fill(buf.terminated[:, e], 0.0)
+            continues = (~(buf.terminated[:, e] | buf.truncated[:, e])).float()
+            expected = compute_gae(buf.rewards[:, e], values, next_values, continues, gamma, lam)
+            torch.testing.assert_close(adv[:, e, i], expected)
+    torch.testing.assert_close(batch.returns, batch.advantages + batch.values)

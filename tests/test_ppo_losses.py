@@ -59,3 +59,27 @@ def test_running_mean_std_matches_numpy():
     assert abs(rms.var.item() - everything.var()) < 1e-4
     x = torch.tensor([1.0, 5.0])
     torch.testing.assert_close(rms.denormalize(rms.normalize(x)), x)
+
+
+def test_happo_correction_is_the_product_of_earlier_agents_ratios():
+    """Kuba et al. 2022: after agents i1..ik are updated, sample b's factor is prod_j pi_new/pi_old."""
+    old_1, new_1 = torch.log(torch.tensor([0.5, 0.2, 0.4])), torch.log(torch.tensor([0.6, 0.1, 0.4]))
+    old_2, new_2 = torch.log(torch.tensor([0.3, 0.3, 0.9])), torch.log(torch.tensor([0.6, 0.3, 0.45]))
+    alive_1 = torch.tensor([True, True, True])
+    alive_2 = torch.tensor([True, True, False])  # agent 2 is dead in sample 2: it changes nothing
+    factor = torch.ones(3)
+    factor = ppo_losses.happo_correction(factor, new_1, old_1, alive_1)
+    torch.testing.assert_close(factor, torch.tensor([1.2, 0.5, 1.0]))
+    factor = ppo_losses.happo_correction(factor, new_2, old_2, alive_2)
+    torch.testing.assert_close(factor, torch.tensor([2.4, 0.5, 1.0]))
+
+
+def test_weighted_surrogate_scales_each_token_by_its_factor():
+    old = torch.zeros(3)
+    new = torch.log(torch.tensor([1.5, 1.0, 0.9]))
+    adv = torch.tensor([1.0, -2.0, 1.0])
+    weight = torch.tensor([2.0, 0.5, 3.0])
+    mask = torch.ones(3, dtype=torch.bool)
+    loss, _ = ppo_losses.clipped_surrogate(new, old, adv, clip=0.2, mask=mask, weight=weight)
+    # per token min(r*A, clip(r)*A): 1.2, -2.0, 0.9; weighted: 2.4, -1.0, 2.7
+    assert abs(loss.item() - (-(2.4 - 1.0 + 2.7) / 3)) < 1e-6

@@ -1,0 +1,137 @@
+"""Contract tests every on-policy algorithm must pass, on synthetic batches (no simulator needed)."""
+
+import pytest
+import torch
+
+from seqmarl.algos import algorithm_names, check_compatible, make_algorithm
+from seqmarl.buffer import RolloutBuffer
+from seqmarl.config import build_config
+from seqmarl.errors import UserError
+from seqmarl.types import ContinuousActions, DiscreteActions, EnvSpec
+
+ON_POLICY = ["mat", "mat_dec", "mappo", "ippo", "happo"]
+B, N, O, S, A = 16, 3, 7, 11, 5
+DISCRETE = EnvSpec("test:discrete", N, O, S, DiscreteActions(A), 50, True)
+CONTINUOUS = EnvSpec("test:continuous", N, O, S, ContinuousActions(2, (-1.0,) * 2, (1.0,) * 2), 50, False)
+CPU = torch.device("cpu")
+
+
+def _make(name, spec, **ppo):
+    config = build_config({"algo": name, "ppo": {"epochs": 2, "num_minibatches": 2, **ppo}})
+    torch.manual_seed(0)
+    return make_algorithm(name, spec, config, CPU)
+
+
+def _inputs(spec, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    obs, state = torch.randn(B, N, O, generator=g), torch.randn(B, S, generator=g)
+    mask = torch.ones(B, N, spec.action_space.mask_width, dtype=torch.bool)
+    if spec.discrete:
+        mask = torch.rand(B, N, A, generator=g) > 0.4
+        mask[..., 0] = True  # at least one action available
+    return obs, state, mask
+
+
+@pytest.mark.parametrize("spec", [DISCRETE, CONTINUOUS], ids=["discrete", "continuous"])
+@pytest.mark.parametrize("name", ON_POLICY)
+def test_act_and_evaluate_agree_on_log_probs(name, spec):
+    algo = _make(name, spec)
+    obs, state, mask = _inputs(spec)
+    out = algo.act(obs, state, mask)
+    assert out.actions.shape == ((B, N) if spec.discrete else (B, N, 2))
+    assert out.log_prob.shape == (B, N) and out.value.shape == (B, N)
+    if spec.discrete:
+        assert mask.gather(-1, out.actions[..., None]).all(), "a masked action was sampled"
+    buffer = RolloutBuffer(spec, 1, B, CPU)
+    buffer.obs[0], buffer.state[0], buffer.action_mask[0] = obs, state, mask
+    buffer.actions[0], buffer.log_prob[0], buffer.values[0] = out.actions, out.log_prob, out.value
+    buffer.alive[:] = True
+    batch = buffer.finish(out.value, torch.ones(B, N, dtype=torch.bool), algo.value_norm, 0.99, 0.95)
+    with torch.no_grad():
+        again = algo._evaluate(batch)
+    torch.testing.assert_close(again.log_prob, out.log_prob)
+    torch.testing.assert_close(again.value, out.value)
+    torch.testing.assert_close(algo.values(obs, state), out.value)
+
+
+@pytest.mark.parametrize("name", ON_POLICY)
+def test_update_moves_every_part_and_state_dict_round_trips(name):
+    spec = DISCRETE
+    algo = _make(name, spec)
+    obs, state, mask = _inputs(spec)
+    T = 4
+    buffer = RolloutBuffer(spec, T, B, CPU)
+    for t in range(T):
+        out = algo.act(obs, state, mask)
+        buffer.obs[t], buffer.state[t], buffer.action_mask[t] = obs, state, mask
+        buffer.actions[t], buffer.log_prob[t], buffer.values[t] = out.actions, out.log_prob, out.value
+    buffer.alive[:] = True
+    buffer.rewards[:] = torch.randn(T, B, generator=torch.Generator().manual_seed(1))
+    batch = buffer.finish(
+        algo.values(obs, state),
+        torch.ones(B, N, dtype=torch.bool),
+        algo.value_norm,
+        0.99,
+        0.95,
+        per_agent=algo.per_agent_advantages,
+    )
+    before = {k: v.clone() for k, v in algo.model.state_dict().items()}
+    metrics = algo.update(batch, 1e-3, torch.Generator().manual_seed(0))
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values()), metrics
+    for key in ("losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/grad_norm"):
+        assert key in metrics
+    after = algo.model.state_dict()
+    # every top-level part (each HAPPO actor, the critic, encoder and decoder) has moved
+    parts = {k.split(".")[0] + ("." + k.split(".")[1] if k.startswith("actors.") else "") for k in before}
+    for part in parts:
+        moved = any(not torch.equal(before[k], after[k]) for k in before if k.startswith(part + "."))
+        assert moved, f"{name}: {part} did not change in the update"
+
+    clone = _make(name, spec)
+    clone.load_state_dict(algo.state_dict())
+    torch.testing.assert_close(
+        clone.act(obs, state, mask, deterministic=True).actions,
+        algo.act(obs, state, mask, deterministic=True).actions,
+    )
+
+
+def test_mappo_critic_reads_the_state_and_ippo_critic_does_not():
+    obs, state, _ = _inputs(DISCRETE)
+    other_state = torch.randn_like(state)
+    mappo, ippo = _make("mappo", DISCRETE), _make("ippo", DISCRETE)
+    assert not torch.allclose(mappo.values(obs, state), mappo.values(obs, other_state))
+    torch.testing.assert_close(ippo.values(obs, state), ippo.values(obs, other_state))
+
+
+@pytest.mark.parametrize("name", ["mat_dec", "mappo", "ippo", "happo"])
+def test_decentralised_actors_read_only_their_own_observation(name):
+    algo = _make(name, CONTINUOUS)
+    obs, state, mask = _inputs(CONTINUOUS)
+    changed = obs.clone()
+    changed[:, 1:] = torch.randn_like(changed[:, 1:])  # everyone but agent 0 sees something else
+    a = algo.act(obs, state, mask, deterministic=True).actions
+    b = algo.act(changed, torch.randn_like(state), mask, deterministic=True).actions
+    torch.testing.assert_close(a[:, 0], b[:, 0])
+    assert not torch.allclose(a[:, 1:], b[:, 1:])
+
+
+def test_mat_dec_weights_do_not_depend_on_agent_count():
+    small = _make("mat_dec", DISCRETE)
+    big_spec = EnvSpec("test:big", 7, O, S, DiscreteActions(A), 50, True)
+    big = _make("mat_dec", big_spec)
+    big.model.load_state_dict(small.model.state_dict())  # same shapes: loads without error
+    obs = torch.randn(2, 7, O)
+    assert big.values(obs, torch.randn(2, S)).shape == (2, 7)
+
+
+def test_agent_order_shuffle_is_refused_for_agent_specific_models():
+    config = build_config({"algo": "mappo", "ppo": {"shuffle_agent_order": True}})
+    with pytest.raises(UserError, match="shuffle_agent_order"):
+        check_compatible("mappo", DISCRETE, config)
+    check_compatible("mat", DISCRETE, build_config({"ppo": {"shuffle_agent_order": True}}))
+
+
+def test_every_registered_algorithm_builds():
+    for name in algorithm_names():
+        spec = DISCRETE
+        assert make_algorithm(name, spec, build_config({"algo": name}), CPU).name == name
