@@ -84,7 +84,8 @@ def test_per_agent_advantages_run_one_trace_per_agent():
     buf.truncated[1, 0] = True
     buf.final_values[1] = torch.rand(E, N)
     last = torch.rand(E, N)
-    batch = buf.finish(last, torch.ones(E, N, dtype=torch.bool), IdentityNormalizer(), gamma, lam, per_agent=True)
+    alive = torch.ones(E, N, dtype=torch.bool)
+    batch = buf.finish(last, alive, IdentityNormalizer(), gamma, lam, per_agent=True)
     adv = batch.advantages.reshape(T, E, N)
     for e in range(E):
         for i in range(N):

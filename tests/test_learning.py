@@ -1,4 +1,4 @@
-"""MAT learns: a fixed-seed run on a small real task must rise well above its untrained level."""
+"""Every algorithm learns: a fixed-seed run on a small real task must rise well above its untrained level."""
 
 import json
 
@@ -8,14 +8,18 @@ from seqmarl.config import build_config, merge, preset_for
 from seqmarl.train import train
 
 
+# Eval win rate of seed 0 after 102,400 steps when the thresholds were set (commit e9f55fb, this
+# machine): mat 0.59, mappo 0.75, ippo 0.78, mat_dec 0.50, happo 0.47. Untrained, every greedy
+# policy wins 0 of 32 battles. The thresholds (>= 30% wins, return +0.8) leave room for platform-level
+# float differences while still failing for a learner that does not learn.
 @pytest.mark.slow
-def test_mat_learns_smax_3m(tmp_path):
-    # 32 iterations of 32 envs x 100 steps with the paper's SMAC settings. Untrained, the greedy policy
-    # wins 0 of 32 evaluation battles (return ~0.1); seed 0 reaches a 59% eval win rate here
-    # (docs/results/README.md), so the thresholds leave room for platform-level float differences.
+@pytest.mark.parametrize("algo", ["mat", "mat_dec", "mappo", "ippo", "happo"])
+def test_algorithm_learns_smax_3m(algo, tmp_path):
+    # 32 iterations of 32 envs x 100 steps with each algorithm's SMAX preset.
     overrides = merge(
-        preset_for("smax:3m"),
+        preset_for("smax:3m", algo),
         {
+            "algo": algo,
             "env": {"name": "smax:3m"},
             "run": {
                 "total_steps": 102_400,
