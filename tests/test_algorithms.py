@@ -135,3 +135,12 @@ def test_every_registered_algorithm_builds():
     for name in algorithm_names():
         spec = DISCRETE
         assert make_algorithm(name, spec, build_config({"algo": name}), CPU).name == name
+
+
+def test_mat_dec_fits_the_mean_value_and_mappo_each_agent():
+    value = torch.tensor([[1.0, 3.0]])
+    target = torch.tensor([[2.0, 2.0]])
+    alive = torch.ones(1, 2, dtype=torch.bool)
+    mat_dec, mappo = _make("mat_dec", DISCRETE), _make("mappo", DISCRETE)
+    assert mat_dec._value_loss(value, value, target, alive).item() == 0.0  # mean 2 == mean target 2
+    assert mappo._value_loss(value, value, target, alive).item() == 0.5  # Huber: 0.5 * 1 per agent

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from seqmarl.algos import ppo_losses
-from seqmarl.buffer import RolloutBatch, RolloutBuffer
+from seqmarl.buffer import RolloutBatch, RolloutBuffer, joint_value
 from seqmarl.config import PPOConfig
 from seqmarl.normalize import IdentityNormalizer, RunningMeanStd
 from seqmarl.types import ActOutput, EnvSpec, EvalOutput, StepRecord
@@ -41,6 +41,7 @@ class PPOAlgorithm:
     uses_state: ClassVar[bool] = False  # reads the env's global state (centralised critic)
     per_agent_advantages: ClassVar[bool] = False  # False: one joint advantage shared by all agents
     permutable: ClassVar[bool] = False  # weights are indifferent to agent order (may shuffle it)
+    value_loss_on_mean: ClassVar[bool] = False  # fit the mean of the alive agents' values, not each one
 
     def __init__(self, spec: EnvSpec, ppo: PPOConfig, device: torch.device, model: nn.Module):
         self.spec = spec
@@ -145,9 +146,7 @@ class PPOAlgorithm:
                 policy_loss, diagnostics = ppo_losses.clipped_surrogate(
                     out.log_prob, mb.log_prob, advantages[idx], ppo.clip, mask
                 )
-                value_loss = ppo_losses.clipped_value_loss(
-                    out.value, mb.values, targets[idx], ppo.value_clip, ppo.huber_delta or None, mask
-                )
+                value_loss = self._value_loss(out.value, mb.values, targets[idx], mask)
                 entropy = ppo_losses.masked_mean(out.entropy, mask)
                 loss = policy_loss + ppo.value_coef * value_loss - ppo.entropy_coef * entropy
 
@@ -167,6 +166,18 @@ class PPOAlgorithm:
                 accumulate(totals, stats)
                 updates += 1
         return {key: float(value) / updates for key, value in totals.items()}
+
+    def _value_loss(
+        self, value: torch.Tensor, old_value: torch.Tensor, target: torch.Tensor, alive: torch.Tensor
+    ) -> torch.Tensor:
+        """Clipped Huber loss per alive agent token, or on the team's mean value. All (B, N)."""
+        ppo = self.ppo
+        if self.value_loss_on_mean:
+            value, old_value, target = (joint_value(x, alive) for x in (value, old_value, target))
+            alive = alive.any(-1)
+        return ppo_losses.clipped_value_loss(
+            value, old_value, target, ppo.value_clip, ppo.huber_delta or None, alive
+        )
 
     # ------------------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """MAT-Dec (paper section 6): MAT's encoder gives centralised per-agent values from all observations;
 the decoder is replaced by a decentralised actor that maps each agent's own observation to its action
 (one actor shared by all agents, so the weights stay independent of N). Advantages are local: each
-agent's GAE trace uses its own value from the encoder.
+agent's GAE trace uses its own value from the encoder. The critic loss is on the mean value: the mean of
+the alive agents' values is fitted to the mean of their returns (PPOAlgorithm.value_loss_on_mean).
 
 Shape legend: B samples (env-steps), N agents, O obs, S state, A action-mask width.
 """
@@ -30,6 +31,7 @@ class MATDecAlgorithm(PPOAlgorithm):
     name = "mat_dec"
     per_agent_advantages = True
     permutable = True
+    value_loss_on_mean = True
 
     def __init__(self, spec: EnvSpec, model: MATConfig, mlp: MLPConfig, ppo: PPOConfig, device: torch.device):
         super().__init__(spec, ppo, device, MATDecNetwork(spec, model, mlp))
