@@ -1,0 +1,486 @@
+"""`seqmarl benchmark`: algorithms x tasks x seeds, in N worker processes, resumable (issue 5).
+
+A benchmark is a spec (YAML file and/or flags) expanded into runs. Each run lives in
+OUT/<family>/<task>/<algo>/seed<k>/ and is finished when it holds result.json (training, from
+`seqmarl train`) and absolute.json (the final evaluation of best.pt with `absolute_factor` x the
+periodic evaluation's episodes, from `seqmarl eval`). Re-running the same command looks at every run
+directory and does only what is missing:
+
+    result.json + absolute.json   -> skipped
+    result.json only              -> absolute evaluation only
+    a checkpoint, no result.json  -> `seqmarl train --resume RUN_DIR` (config comes from the run dir)
+    anything else                 -> the partial directory is deleted and the run starts afresh
+
+Workers are `python -m seqmarl.cli` subprocesses, started in their own session (so a Ctrl-C at the
+terminal reaches only this process, which forwards exactly one SIGTERM; the trainer turns it into a
+checkpoint) and told by the kernel to stop if this process dies (Linux). They inherit the lock on
+OUT/.benchmark.lock, so a re-run after `kill -9` waits until the orphaned workers have written their
+checkpoints instead of racing them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from seqmarl.errors import UserError
+
+SPEC_KEYS = (
+    "out",
+    "workers",
+    "threads",
+    "steps",
+    "seeds",
+    "algos",
+    "envs",
+    "exclude",
+    "set",
+    "eval",
+    "thresholds",
+)
+EVAL_KEYS = ("every", "episodes", "absolute_factor")
+ABSOLUTE_EVAL_SEED = 777  # fixed, and distinct from the training and periodic-evaluation seeds
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """Every `every` env steps, `episodes` deterministic episodes; at the end `absolute_factor` x as many
+    on the best checkpoint. None = the task preset's value (SMAX: 50k / 32, MaMuJoCo: 100k / 10)."""
+
+    every: int | None = None
+    episodes: int | None = None
+    absolute_factor: int = 10
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """One benchmark: every (seed, env, algo) combination is one run."""
+
+    out: Path  # root of the run directories
+    algos: tuple[str, ...]
+    envs: tuple[str, ...]
+    seeds: tuple[int, ...]
+    steps: dict[str, int]  # env -> env steps per run
+    workers: int = 1  # parallel worker processes
+    threads: int = 0  # torch threads per worker; 0 = cores // workers
+    overrides: tuple[str, ...] = ()  # SECTION.KEY=VALUE applied to every run
+    exclude: frozenset[tuple[str, str]] = frozenset()  # (env, algo) pairs not run (e.g. qmix on MaMuJoCo)
+    eval: EvalProtocol = field(default_factory=EvalProtocol)
+    thresholds: dict[str, float] = field(default_factory=dict)  # env -> value, for the report
+
+    @property
+    def threads_per_worker(self) -> int:
+        return self.threads or max(1, (os.cpu_count() or 1) // self.workers)
+
+
+def parse_seeds(value: Any) -> tuple[int, ...]:
+    """5 -> (5,); [0, 2] -> (0, 2); "0-4" -> (0, 1, 2, 3, 4); "0-2,7" -> (0, 1, 2, 7)."""
+    if isinstance(value, bool):
+        raise UserError(f"seeds: expected e.g. 0-4, 0,2,5 or a list, got {value!r}")
+    if isinstance(value, int):
+        value = [value]
+    if isinstance(value, str):
+        seeds: list[int] = []
+        for part in value.replace(" ", "").split(","):
+            low, dash, high = part.partition("-")
+            if not (low.isdigit() and (not dash or high.isdigit())) or (dash and int(high) < int(low)):
+                raise UserError(f"seeds: expected e.g. 0-4, 0,2,5 or a list, got {value!r}")
+            seeds.extend(range(int(low), int(high) + 1) if dash else [int(low)])
+        value = seeds
+    if not isinstance(value, list) or not value:
+        raise UserError(f"seeds: expected e.g. 0-4, 0,2,5 or a list, got {value!r}")
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in value):
+        raise UserError(f"seeds: expected non-negative integers, got {value!r}")
+    if len(set(value)) != len(value):
+        raise UserError(f"seeds: repeated seed in {value!r}")
+    return tuple(value)
+
+
+def _names(value: Any, key: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise UserError(f"{key}: expected a list of names (or a comma-separated string), got {value!r}")
+    if len(set(value)) != len(value):
+        raise UserError(f"{key}: repeated name in {value!r}")
+    return tuple(value)
+
+
+def _positive_int(value: Any, key: str) -> int:
+    try:
+        number = float(value)  # YAML reads 2e6 as a string
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not number >= 1 or not float(number).is_integer():
+        raise UserError(f"{key}: expected a positive integer, got {value!r}")
+    return int(number)
+
+
+def _steps(value: Any, envs: tuple[str, ...]) -> dict[str, int]:
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(envs))
+        missing = [env for env in envs if env not in value]
+        if unknown or missing:
+            raise UserError(
+                f"steps: per-task budgets must name exactly the envs (unknown {unknown}, missing {missing})"
+            )
+        return {env: _positive_int(value[env], f"steps.{env}") for env in envs}
+    if value is None:
+        raise UserError("steps: a budget is required (one number, or one per env)")
+    return {env: _positive_int(value, "steps") for env in envs}
+
+
+def build_spec(data: dict[str, Any]) -> BenchmarkSpec:
+    """Validate a spec mapping (from YAML, with command-line flags merged in) into a BenchmarkSpec."""
+    from seqmarl.algos import algorithm_names
+    from seqmarl.config import parse_assignment
+    from seqmarl.envs.registry import split_env_name
+
+    unknown = sorted(set(data) - set(SPEC_KEYS))
+    if unknown:
+        raise UserError(f"unknown benchmark spec key {unknown[0]!r}; allowed: {', '.join(SPEC_KEYS)}")
+    for key in ("algos", "envs", "seeds"):
+        if data.get(key) is None:
+            raise UserError(f"benchmark spec needs {key!r}")
+    algos = _names(data["algos"], "algos")
+    for algo in algos:
+        if algo not in algorithm_names():
+            raise UserError(f"unknown algorithm {algo!r}; available: {', '.join(algorithm_names())}")
+    envs = _names(data["envs"], "envs")
+    for env in envs:
+        split_env_name(env)
+    overrides = data.get("set") or {}
+    if not isinstance(overrides, dict):
+        raise UserError(f"set: expected a mapping SECTION.KEY: VALUE, got {overrides!r}")
+    assignments = tuple(f"{key}={value}" for key, value in overrides.items())
+    for assignment in assignments:
+        parse_assignment(assignment)  # the values are checked by `seqmarl train` against the config
+    protocol = data.get("eval") or {}
+    if not isinstance(protocol, dict) or set(protocol) - set(EVAL_KEYS):
+        raise UserError(f"eval: expected a mapping with keys {', '.join(EVAL_KEYS)}, got {protocol!r}")
+    eval_protocol = EvalProtocol(
+        every=_positive_int(protocol["every"], "eval.every") if "every" in protocol else None,
+        episodes=_positive_int(protocol["episodes"], "eval.episodes") if "episodes" in protocol else None,
+        absolute_factor=_positive_int(protocol.get("absolute_factor", 10), "eval.absolute_factor"),
+    )
+    exclude = set()
+    for item in data.get("exclude") or []:
+        env, _, algo = str(item).strip().partition(" ")
+        if env not in envs or algo.strip() not in algos:
+            raise UserError(
+                f"exclude: expected 'ENV ALGO' with ENV among envs and ALGO among algos, got {item!r}"
+            )
+        exclude.add((env, algo.strip()))
+    thresholds = data.get("thresholds") or {}
+    if not isinstance(thresholds, dict) or set(thresholds) - set(envs):
+        raise UserError(f"thresholds: expected a mapping ENV: VALUE over the spec's envs, got {thresholds!r}")
+    return BenchmarkSpec(
+        out=Path(data.get("out") or "runs/benchmark"),
+        algos=algos,
+        envs=envs,
+        seeds=parse_seeds(data["seeds"]),
+        steps=_steps(data.get("steps"), envs),
+        workers=_positive_int(data.get("workers", 1), "workers"),
+        threads=_positive_int(data["threads"], "threads") if data.get("threads") else 0,
+        overrides=assignments,
+        exclude=frozenset(exclude),
+        eval=eval_protocol,
+        thresholds={env: float(value) for env, value in thresholds.items()},
+    )
+
+
+def load_spec_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise UserError(f"cannot read benchmark spec {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"benchmark spec {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"benchmark spec {path} must hold a mapping")
+    return data
+
+
+# --- runs -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One (env, algo, seed) of a benchmark and the commands still needed to finish it."""
+
+    env: str
+    algo: str
+    seed: int
+    steps: int
+    run_dir: Path
+    train_args: list[str]  # `seqmarl train` arguments of a fresh start (also the run's identity)
+
+    @property
+    def label(self) -> str:
+        return f"{self.env} {self.algo} seed{self.seed}"
+
+    def state(self) -> str:
+        """finished | evaluate (trained, no absolute.json) | resume | fresh."""
+        if _valid_json(self.run_dir / "result.json"):
+            return "finished" if _valid_json(self.run_dir / "absolute.json") else "evaluate"
+        if any((self.run_dir / "checkpoints").glob("step_*.pt")):
+            return "resume"
+        return "fresh"
+
+
+def _valid_json(path: Path) -> bool:
+    """A file a killed writer left half-written does not count as finished."""
+    try:
+        json.loads(path.read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def plan_runs(spec: BenchmarkSpec) -> list[Run]:
+    """Seed-major order, so that a part-finished benchmark already compares every algorithm."""
+    runs = []
+    for seed in spec.seeds:
+        for env in spec.envs:
+            family, _, task = env.partition(":")
+            for algo in spec.algos:
+                if (env, algo) in spec.exclude:
+                    continue
+                parent = spec.out / family / task / algo
+                args = ["--algo", algo, "--env", env, "--seed", str(seed), "--steps", str(spec.steps[env])]
+                args += ["--out-dir", str(parent), "--run-name", f"seed{seed}", "--no-progress"]
+                args += ["--set", f"run.threads={spec.threads_per_worker}"]
+                if spec.eval.every is not None:
+                    args += ["--set", f"run.eval_every={spec.eval.every}"]
+                if spec.eval.episodes is not None:
+                    args += ["--set", f"run.eval_episodes={spec.eval.episodes}"]
+                for assignment in spec.overrides:
+                    args += ["--set", assignment]
+                runs.append(Run(env, algo, seed, spec.steps[env], parent / f"seed{seed}", args))
+    return runs
+
+
+def _check_identity(run: Run) -> None:
+    """A run directory made by a different spec (other budget, other overrides) is never reused."""
+    path = run.run_dir / "benchmark_run.json"
+    if path.is_file() and json.loads(path.read_text()).get("train_args") != run.train_args:
+        raise UserError(
+            f"{run.run_dir} was made with other settings (see its benchmark_run.json); "
+            "use another --out or delete that directory"
+        )
+
+
+def _absolute_episodes(run: Run, factor: int) -> int:
+    config = yaml.safe_load((run.run_dir / "config.yaml").read_text())
+    return factor * int(config["run"]["eval_episodes"])
+
+
+def _command(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "seqmarl.cli", *args]
+
+
+def _stages(run: Run, spec: BenchmarkSpec) -> list[Any]:
+    """What is left to do for a run: a list of callables, each returning one worker's argv."""
+    state = run.state()
+    stages: list[Any] = []
+    if state == "fresh":
+        stages.append(lambda: _command(["train", *run.train_args]))
+    elif state == "resume":
+        stages.append(lambda: _command(["train", "--resume", str(run.run_dir)]))
+    if state != "finished":
+
+        def absolute() -> list[str]:
+            best = run.run_dir / "best.pt"
+            target = best if best.is_file() else run.run_dir  # runs trained before best.pt existed
+            episodes = _absolute_episodes(run, spec.eval.absolute_factor)
+            args = ["eval", str(target), "--episodes", str(episodes), "--seed", str(ABSOLUTE_EVAL_SEED)]
+            return _command([*args, "--json", str(run.run_dir / "absolute.json")])
+
+        stages.append(absolute)
+    return stages
+
+
+def _worker_environment(threads: int) -> dict[str, str]:
+    """Workers import this very seqmarl (not whatever is installed) and use `threads` threads."""
+    import seqmarl
+
+    source = str(Path(seqmarl.__file__).resolve().parents[1])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (source, env.get("PYTHONPATH", "")) if p)
+    env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Runs in the worker between fork and exec: SIGTERM it when the benchmark process dies (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _outcome(run: Run) -> str:
+    final = json.loads((run.run_dir / "result.json").read_text())["final_eval"]
+    absolute = json.loads((run.run_dir / "absolute.json").read_text())
+    if "eval/win_rate" in final:
+        return f"eval win {final['eval/win_rate']:.2f}, absolute win {absolute['eval/win_rate']:.2f}"
+    return f"eval return {final['eval/episodic_return']:.1f}, absolute {absolute['eval/episodic_return']:.1f}"
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def run_benchmark(spec: BenchmarkSpec, command: str, dry_run: bool = False) -> int:
+    """Run every unfinished run; returns the number of failed runs. Raises KeyboardInterrupt after
+    forwarding a Ctrl-C / SIGTERM to the workers and waiting for their checkpoints."""
+    import fcntl
+
+    runs = plan_runs(spec)
+    cores = os.cpu_count() or 1
+    total = len(runs)
+    states = {id(run): run.state() for run in runs}
+    counts = {
+        s: sum(1 for r in runs if states[id(r)] == s) for s in ("finished", "evaluate", "resume", "fresh")
+    }
+    print(
+        f"benchmark: {total} runs ({len(spec.algos)} algos x {len(spec.envs)} envs x "
+        f"{len(spec.seeds)} seeds{f' - {len(spec.exclude)} excluded pairs' if spec.exclude else ''}) "
+        f"in {spec.out}: {counts['finished']} finished, {counts['evaluate']} to evaluate, "
+        f"{counts['resume']} to resume, {counts['fresh']} to start; {spec.workers} workers x "
+        f"{spec.threads_per_worker} threads on {cores} cores",
+        flush=True,
+    )
+    if spec.workers * spec.threads_per_worker > cores:
+        print(
+            f"warning: {spec.workers} workers x {spec.threads_per_worker} threads > {cores} cores", flush=True
+        )
+    if dry_run:
+        for run in runs:
+            state = states[id(run)]
+            first = _stages(run, spec)[0]()[3:] if state in ("fresh", "resume") else []
+            print(f"  {state:8s} {run.label}" + (f": seqmarl {shlex.join(first)}" if first else ""))
+        return 0
+
+    spec.out.mkdir(parents=True, exist_ok=True)
+    lock = open(spec.out / ".benchmark.lock", "w")  # noqa: SIM115 (held for the life of the process)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(
+            f"waiting for {spec.out}/.benchmark.lock: another benchmark, or the workers of a killed one, "
+            "still run there",
+            flush=True,
+        )
+        fcntl.flock(lock, fcntl.LOCK_EX)
+
+    done = 0
+    failed: list[Run] = []
+    queue: deque[tuple[Run, list[Any]]] = deque()
+    for run in runs:
+        if states[id(run)] == "fresh" and run.run_dir.exists():
+            print(f"removing {run.run_dir} (started, but no checkpoint to continue from)", flush=True)
+            shutil.rmtree(run.run_dir)
+        _check_identity(run)
+        if states[id(run)] == "finished":
+            done += 1
+            print(f"[{done}/{total}] skip {run.label} (finished)", flush=True)
+        else:
+            queue.append((run, _stages(run, spec)))
+
+    running: dict[subprocess.Popen, tuple[Run, list[Any], float, Any]] = {}
+    environment = _worker_environment(spec.threads_per_worker)
+    parent_pid = os.getpid()
+
+    def start(run: Run, stages: list[Any], started: float) -> None:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / "benchmark_run.json").write_text(json.dumps({"train_args": run.train_args}, indent=2))
+        argv = stages[0]()
+        log = open(run.run_dir / "stdout.log", "a")  # noqa: SIM115 (closed when the worker ends)
+        log.write(f"$ {shlex.join(argv)}\n")
+        log.flush()
+        process = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=environment,
+            start_new_session=True,
+            pass_fds=(lock.fileno(),),
+            preexec_fn=lambda: _die_with_parent(parent_pid),
+        )
+        running[process] = (run, stages[1:], started, log)
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Interrupted
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    begin = time.perf_counter()
+    try:
+        while queue or running:
+            while queue and len(running) < spec.workers:
+                run, stages = queue.popleft()
+                print(f"[{done}/{total}] start {run.label} ({states[id(run)]})", flush=True)
+                start(run, stages, time.perf_counter())
+            time.sleep(0.2)
+            for process in [p for p in running if p.poll() is not None]:
+                run, stages, started, log = running.pop(process)
+                log.close()
+                if process.returncode != 0:
+                    failed.append(run)
+                    done += 1
+                    print(
+                        f"[{done}/{total}] FAILED {run.label} (exit {process.returncode}); "
+                        f"see {run.run_dir}/stdout.log",
+                        flush=True,
+                    )
+                elif stages:
+                    states[id(run)] = "evaluate"
+                    start(run, stages, started)
+                else:
+                    done += 1
+                    seconds = time.perf_counter() - started
+                    print(
+                        f"[{done}/{total}] done {run.label} in {seconds:.0f} s: {_outcome(run)}", flush=True
+                    )
+    except _Interrupted:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        print(f"benchmark: interrupted; stopping {len(running)} workers (they save checkpoints)", flush=True)
+        for process in running:
+            process.send_signal(signal.SIGTERM)
+        for process in running:
+            try:
+                process.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        print(
+            f"benchmark: {done}/{total} runs finished; to resume, run the same command again:\n  {command}",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise KeyboardInterrupt from None
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    print(
+        f"benchmark: {total - len(failed)}/{total} runs finished ({len(failed)} failed) "
+        f"in {time.perf_counter() - begin:.0f} s",
+        flush=True,
+    )
+    return len(failed)
