@@ -354,6 +354,19 @@ def run_benchmark(spec: BenchmarkSpec, command: str, dry_run: bool = False) -> i
 
     runs = plan_runs(spec)
     cores = os.cpu_count() or 1
+    lock = None
+    if not dry_run:  # taken before looking at the run directories: a killed benchmark's workers may
+        spec.out.mkdir(parents=True, exist_ok=True)  # still be writing their checkpoints
+        lock = open(spec.out / ".benchmark.lock", "w")  # held (locked) for the life of the process
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(
+                f"waiting for {spec.out}/.benchmark.lock: another benchmark, or the workers of a killed "
+                "one, still run there",
+                flush=True,
+            )
+            fcntl.flock(lock, fcntl.LOCK_EX)
     total = len(runs)
     states = {id(run): run.state() for run in runs}
     counts = {
@@ -378,18 +391,6 @@ def run_benchmark(spec: BenchmarkSpec, command: str, dry_run: bool = False) -> i
             print(f"  {state:8s} {run.label}" + (f": seqmarl {shlex.join(first)}" if first else ""))
         return 0
 
-    spec.out.mkdir(parents=True, exist_ok=True)
-    lock = open(spec.out / ".benchmark.lock", "w")  # noqa: SIM115 (held for the life of the process)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        print(
-            f"waiting for {spec.out}/.benchmark.lock: another benchmark, or the workers of a killed one, "
-            "still run there",
-            flush=True,
-        )
-        fcntl.flock(lock, fcntl.LOCK_EX)
-
     done = 0
     failed: list[Run] = []
     queue: deque[tuple[Run, list[Any]]] = deque()
@@ -412,7 +413,7 @@ def run_benchmark(spec: BenchmarkSpec, command: str, dry_run: bool = False) -> i
         run.run_dir.mkdir(parents=True, exist_ok=True)
         (run.run_dir / "benchmark_run.json").write_text(json.dumps({"train_args": run.train_args}, indent=2))
         argv = stages[0]()
-        log = open(run.run_dir / "stdout.log", "a")  # noqa: SIM115 (closed when the worker ends)
+        log = open(run.run_dir / "stdout.log", "a")  # closed when the worker ends
         log.write(f"$ {shlex.join(argv)}\n")
         log.flush()
         process = subprocess.Popen(
@@ -421,7 +422,7 @@ def run_benchmark(spec: BenchmarkSpec, command: str, dry_run: bool = False) -> i
             stderr=subprocess.STDOUT,
             env=environment,
             start_new_session=True,
-            pass_fds=(lock.fileno(),),
+            pass_fds=(lock.fileno(),),  # the lock outlives this process until the workers end
             preexec_fn=lambda: _die_with_parent(parent_pid),
         )
         running[process] = (run, stages[1:], started, log)

@@ -115,7 +115,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> None:
-    from seqmarl.benchmark import build_spec, load_spec_file, run_benchmark
+    from seqmarl.benchmark import build_spec, load_spec_file, plan_runs, run_benchmark
     from seqmarl.config import parse_assignment
     from seqmarl.report import write_report
 
@@ -133,8 +133,9 @@ def _cmd_benchmark(args: argparse.Namespace) -> None:
         raise SystemExit(
             f"seqmarl: {failed} runs failed; see their stdout.log, then run the same command again"
         )
-    if not args.dry_run and not args.no_report:
-        write_report([spec.out], spec.out / "report", spec.thresholds, spec.algos[0])
+    if not args.dry_run and not args.no_report:  # the spec's runs only, not others under the same root
+        finished = [run.run_dir for run in plan_runs(spec) if run.state() == "finished"]
+        write_report(finished, spec.out / "report", spec.thresholds, spec.algos[0])
         print(f"report: {spec.out / 'report'}/table.md, poi.md, curves_*.png, marl_eval.json")
 
 

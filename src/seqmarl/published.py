@@ -30,6 +30,7 @@ def _published() -> dict[tuple[str, str], list[str]]:
     curves = "reference MAT README curves at 1e7 steps, read off the plot"
     for algo, value in (("mat", 9000), ("mat_dec", 4400), ("happo", 4400), ("mappo", 3500)):
         table.setdefault(("mamujoco:HalfCheetah-6x1", algo), []).append(f"~{value} ({curves})")
+    table.setdefault(("mamujoco:Ant-4x2", "happo"), []).append("~6000 (HARL HAPPO at 1e7 steps)")
     table.setdefault(("smax:3s5z_vs_3s6z", "mappo"), []).append("~76% (Mava recurrent MAPPO on SMAX at 1e7)")
     return table
 
