@@ -16,7 +16,8 @@ import pytest
 
 import seqmarl
 from seqmarl.algos import algorithm_names
-from seqmarl.benchmark import build_spec, load_spec_file, parse_seeds, plan_runs
+from seqmarl.benchmark import plan_runs
+from seqmarl.benchmark_spec import build_spec, load_spec_file, parse_seeds
 from seqmarl.cli import main
 
 SPECS = Path(__file__).resolve().parents[1] / "bench" / "specs"

@@ -115,7 +115,8 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> None:
-    from seqmarl.benchmark import build_spec, load_spec_file, plan_runs, run_benchmark
+    from seqmarl.benchmark import plan_runs, run_benchmark
+    from seqmarl.benchmark_spec import build_spec, load_spec_file
     from seqmarl.config import parse_assignment
     from seqmarl.report import write_report
 
