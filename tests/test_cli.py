@@ -1,6 +1,7 @@
 """The command line: bad input gives one line and exit code 2; a short real run works end to end."""
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -93,6 +94,13 @@ def test_train_eval_plot_smoke(env, steps, tmp_path, capsys, monkeypatch):
 
     assert main(["eval", str(run_dir), "--episodes", "2"]) == 0
     assert "eval/episodic_return" in capsys.readouterr().out
+    # the best evaluation's checkpoint, for the absolute evaluation of `seqmarl benchmark`
+    best = json.loads((run_dir / "result.json").read_text())["best_eval"]["step"]
+    assert (
+        main(["eval", str(run_dir / "best.pt"), "--episodes", "2", "--json", str(tmp_path / "a.json")]) == 0
+    )
+    assert f"step {int(best):,}," in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "a.json").read_text())["episodes"]["episode_return"]) == 2
     assert main(["plot", str(run_dir), "--out", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").stat().st_size > 1000
 

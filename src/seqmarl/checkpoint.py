@@ -15,16 +15,21 @@ import torch
 from seqmarl.errors import UserError
 
 
-def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep: int) -> Path:
-    """Write step_<step>.pt via a temporary file + fsync + rename, then keep only the newest `keep`."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"step_{step:012d}.pt"
+def atomic_save(payload: dict[str, Any], path: Path) -> Path:
+    """torch.save via a temporary file + fsync + rename: a crash leaves the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".pt.tmp")
     with open(tmp, "wb") as f:
         torch.save(payload, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    return path
+
+
+def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep: int) -> Path:
+    """Write step_<step>.pt atomically, then keep only the newest `keep`."""
+    path = atomic_save(payload, directory / f"step_{step:012d}.pt")
     for old in sorted(directory.glob("step_*.pt"))[:-keep]:
         old.unlink()
     return path

@@ -1,9 +1,13 @@
-"""`seqmarl train | eval | plot`. User errors are printed as one line and exit with code 2."""
+"""`seqmarl train | eval | plot | report | benchmark`.
+
+User errors are printed as one line and exit with code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import signal
 import sys
 import threading
@@ -57,24 +61,41 @@ def build_parser() -> argparse.ArgumentParser:
     plot = commands.add_parser("plot", help="learning curves of run directories")
     plot.add_argument("run_dirs", nargs="+", type=Path)
     plot.add_argument("--out", type=Path, default=Path("curves.png"))
-    summarize = commands.add_parser("summarize", help="IQM/CI table, figure and marl-eval JSON over seeds")
-    summarize.add_argument("run_dirs", nargs="+", type=Path)
-    summarize.add_argument("--out", type=Path, required=True, help="output folder")
-    summarize.add_argument(
+
+    report = commands.add_parser(
+        "report", help="IQM/CI and probability-of-improvement tables, curves, marl-eval JSON"
+    )
+    report.add_argument("roots", nargs="+", type=Path, help="run directories, or folders holding them")
+    report.add_argument("--out", type=Path, required=True, help="output folder")
+    report.add_argument("--baseline-algo", help="listed first in tables and figures")
+    report.add_argument(
         "--threshold",
         action="append",
         default=[],
         metavar="ENV=VALUE",
-        help="report the first step reaching it",
+        help="report the first step reaching it (repeatable)",
     )
+
+    benchmark = commands.add_parser("benchmark", help="algorithms x tasks x seeds, resumable, in N workers")
+    benchmark.add_argument("spec", nargs="?", type=Path, help="YAML spec (flags below override its keys)")
+    benchmark.add_argument("--out", help="root of the run directories (default runs/benchmark)")
+    benchmark.add_argument("--workers", type=int, help="parallel worker processes")
+    benchmark.add_argument("--threads", type=int, help="torch threads per worker (default cores // workers)")
+    benchmark.add_argument("--algos", help="comma-separated, e.g. mat,mappo")
+    benchmark.add_argument("--envs", help="comma-separated, e.g. smax:3m,smax:2s3z")
+    benchmark.add_argument("--seeds", help="e.g. 0-4 or 0,2,5")
+    benchmark.add_argument("--steps", help="env steps per run, e.g. 2e6 (for every env)")
+    benchmark.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override for every run"
+    )
+    benchmark.add_argument("--dry-run", action="store_true", help="list the runs and what each still needs")
+    benchmark.add_argument("--no-report", action="store_true", help="do not write OUT/report at the end")
     return parser
 
 
-def _cmd_summarize(args: argparse.Namespace) -> None:
-    from seqmarl.results import markdown_table, summarize
-
+def _parse_thresholds(items: list[str]) -> dict[str, float]:
     thresholds = {}
-    for item in args.threshold:
+    for item in items:
         env_name, sep, value = item.rpartition("=")
         try:
             thresholds[env_name] = float(value)
@@ -82,9 +103,41 @@ def _cmd_summarize(args: argparse.Namespace) -> None:
             sep = ""
         if not sep:
             raise UserError(f"--threshold expects ENV=VALUE (e.g. smax:3m=0.95), got {item!r}")
-    rows = summarize(args.run_dirs, args.out, thresholds)
+    return thresholds
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from seqmarl.report import markdown_table, write_report
+
+    rows = write_report(args.roots, args.out, _parse_thresholds(args.threshold), args.baseline_algo)
     print(markdown_table(rows))
-    print(f"wrote {args.out}/table.md, summary.json, marl_eval.json, curves.png")
+    print(f"wrote {args.out}/table.md, poi.md, curves_*.png, marl_eval.json, summary.json")
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> None:
+    from seqmarl.benchmark import plan_runs, run_benchmark
+    from seqmarl.benchmark_spec import build_spec, load_spec_file
+    from seqmarl.config import parse_assignment
+    from seqmarl.report import write_report
+
+    data = load_spec_file(args.spec) if args.spec is not None else {}
+    for flag in ("out", "workers", "threads", "algos", "envs", "seeds", "steps"):
+        if getattr(args, flag) is not None:
+            data[flag] = getattr(args, flag)
+    for assignment in args.set:
+        parse_assignment(assignment)
+        key, _, value = assignment.partition("=")
+        data["set"] = {**(data.get("set") or {}), key.strip(): value}
+    spec = build_spec(data)
+    failed = run_benchmark(spec, "seqmarl " + shlex.join(args.argv), args.dry_run)
+    if failed:
+        raise SystemExit(
+            f"seqmarl: {failed} runs failed; see their stdout.log, then run the same command again"
+        )
+    if not args.dry_run and not args.no_report:  # the spec's runs only, not others under the same root
+        finished = [run.run_dir for run in plan_runs(spec) if run.state() == "finished"]
+        write_report(finished, spec.out / "report", spec.thresholds, spec.algos[0])
+        print(f"report: {spec.out / 'report'}/table.md, poi.md, curves_*.png, marl_eval.json")
 
 
 def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -183,11 +236,13 @@ def _sigterm_as_interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `benchmark` prints how to resume
     on_main_thread = threading.current_thread() is threading.main_thread()
     if on_main_thread:  # a killed job saves a checkpoint like Ctrl-C; restored on return (main is reusable)
         previous_handler = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
-        commands = {"train": _cmd_train, "eval": _cmd_eval, "plot": _cmd_plot, "summarize": _cmd_summarize}
+        commands = {"train": _cmd_train, "eval": _cmd_eval, "plot": _cmd_plot}
+        commands.update(report=_cmd_report, benchmark=_cmd_benchmark)
         commands[args.command](args)
     except UserError as e:
         print(f"seqmarl: error: {e}", file=sys.stderr)

@@ -1,46 +1,42 @@
-"""Aggregate finished runs over seeds: IQM with bootstrap confidence intervals, a markdown table, a
-figure, and the marl-eval JSON layout (env -> task -> algorithm -> run -> step_k / absolute_metrics).
+"""Finished runs and their statistics: loading, the marl-eval JSON layout, and rliable's estimates.
 
-The statistics are small enough to write out: the interquartile mean (scipy's 25% trimmed mean) and a
-percentile bootstrap over seeds. With 3 seeds the interval is coarse; it is reported, not hidden.
+The layout is marl-eval's: env -> task -> algorithm -> run -> step_k (per-episode metric lists) plus
+absolute_metrics. The statistics come from rliable (Agarwal et al. 2021): the interquartile mean (IQM)
+over runs with a 95% stratified-bootstrap percentile interval, and the probability of improvement
+(Mann-Whitney per task, averaged over tasks) with its interval. A run's score is the mean over the
+episodes of one evaluation (win rate on SMAX, return on MaMuJoCo).
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.stats import trim_mean
 
 from seqmarl.errors import UserError
 
-
-def iqm(values: np.ndarray) -> float:
-    return float(trim_mean(values, 0.25))
-
-
-def bootstrap_ci(values: np.ndarray, reps: int = 5000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of the IQM, resampling seeds."""
-    rng = np.random.default_rng(seed)
-    samples = rng.choice(values, size=(reps, len(values)), replace=True)
-    stats = trim_mean(samples, 0.25, axis=1)
-    low, high = np.percentile(stats, [2.5, 97.5])
-    return float(low), float(high)
+BOOTSTRAP_REPS = 5000
+BOOTSTRAP_SEED = 0  # the intervals in a report are reproducible
 
 
 @dataclass
 class Run:
     run_dir: Path
-    result: dict[str, Any]
-    absolute: dict[str, Any] | None  # `seqmarl eval --json` output saved as absolute.json, if any
+    result: dict[str, Any]  # result.json from `seqmarl train`
+    absolute: dict[str, Any] | None  # absolute.json from `seqmarl eval --json`, if the run has one
 
     @property
     def key(self) -> tuple[str, str]:
         return self.result["env"], self.result["algo"]
+
+    @property
+    def seed(self) -> int:
+        return int(self.result["seed"])
 
     @property
     def has_win(self) -> bool:
@@ -50,28 +46,69 @@ class Run:
     def metric(self) -> str:
         return "eval/win_rate" if self.has_win else "eval/episodic_return"
 
+    @property
+    def final_score(self) -> float:
+        return float(self.result["final_eval"][self.metric])
+
+    @property
+    def absolute_score(self) -> float | None:
+        if self.absolute is None:
+            return None
+        return float(np.mean(self.absolute["episodes"]["win" if self.has_win else "episode_return"]))
+
+    def curve(self) -> tuple[list[int], list[float]]:
+        evaluations = self.result["evaluations"]
+        return [int(e["step"]) for e in evaluations], [float(e[self.metric]) for e in evaluations]
+
     def first_step_reaching(self, threshold: float) -> int | None:
-        for evaluation in self.result["evaluations"]:
-            if evaluation.get(self.metric, -np.inf) >= threshold:
-                return int(evaluation["step"])
+        for step, value in zip(*self.curve()):
+            if value >= threshold:
+                return step
         return None
 
 
-def load_runs(run_dirs: list[Path]) -> list[Run]:
-    runs = []
-    for run_dir in run_dirs:
-        path = run_dir / "result.json"
-        if not path.is_file():
-            raise UserError(f"{run_dir} has no result.json (not a finished run)")
-        absolute = run_dir / "absolute.json"
-        runs.append(
-            Run(
-                run_dir,
-                json.loads(path.read_text()),
-                json.loads(absolute.read_text()) if absolute.is_file() else None,
+def find_run_dirs(roots: list[Path]) -> list[Path]:
+    """Each root is a run directory, or a folder searched recursively for run directories."""
+    found: list[Path] = []
+    for root in roots:
+        if not root.is_dir():
+            raise UserError(f"{root} is not a directory")
+        if (root / "result.json").is_file():
+            found.append(root)
+        else:
+            found.extend(sorted(path.parent for path in root.rglob("result.json")))
+    if not found:
+        raise UserError(f"no finished runs (result.json) under {', '.join(map(str, roots))}")
+    return found
+
+
+def load_runs(roots: list[Path]) -> list[Run]:
+    runs: list[Run] = []
+    seen: dict[tuple[str, str, int], Path] = {}
+    for run_dir in find_run_dirs(roots):
+        try:
+            result = json.loads((run_dir / "result.json").read_text())
+            absolute_path = run_dir / "absolute.json"
+            absolute = json.loads(absolute_path.read_text()) if absolute_path.is_file() else None
+        except ValueError as e:
+            raise UserError(f"{run_dir}: unreadable result.json or absolute.json ({e})") from None
+        run = Run(run_dir, result, absolute)
+        identity = (*run.key, run.seed)
+        if identity in seen:
+            raise UserError(
+                f"two runs of {run.key[0]} {run.key[1]} seed {run.seed}: {seen[identity]} and {run_dir}"
             )
-        )
+        seen[identity] = run_dir
+        runs.append(run)
     return runs
+
+
+def group_runs(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
+    """(env, algo) -> runs sorted by seed, in sorted key order."""
+    groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[run.key].append(run)
+    return {key: sorted(groups[key], key=lambda r: r.seed) for key in sorted(groups)}
 
 
 def _episode_lists(evaluation: dict[str, Any], has_win: bool) -> dict[str, list[float]]:
@@ -89,7 +126,7 @@ def _episode_lists(evaluation: dict[str, Any], has_win: bool) -> dict[str, list[
 
 
 def marl_eval_json(runs: list[Run]) -> dict[str, Any]:
-    data: dict[str, Any] = defaultdict(lambda: defaultdict(dict))
+    data: dict[str, Any] = {}
     for run in runs:
         env_name, algo = run.key
         family, _, task = env_name.partition(":")
@@ -100,130 +137,68 @@ def marl_eval_json(runs: list[Run]) -> dict[str, Any]:
                 **_episode_lists(evaluation, run.has_win),
             }
         if run.absolute is not None:
-            absolute = {"return": run.absolute["episodes"]["episode_return"]}
+            absolute = {"return": [float(x) for x in run.absolute["episodes"]["episode_return"]]}
             if run.has_win:
                 absolute["win_rate"] = [float(w) for w in run.absolute["episodes"]["win"]]
             entry["absolute_metrics"] = absolute
-        data[family].setdefault(task, {}).setdefault(algo, {})[f"seed_{run.result['seed']}"] = entry
-    return json.loads(json.dumps(data))
+        data.setdefault(family, {}).setdefault(task, {}).setdefault(algo, {})[f"seed_{run.seed}"] = entry
+    return data
 
 
-def summary_rows(runs: list[Run], thresholds: dict[str, float]) -> list[dict[str, Any]]:
-    groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
-    for run in runs:
-        groups[run.key].append(run)
-    rows = []
-    for (env_name, algo), group in sorted(groups.items()):
-        group.sort(key=lambda r: r.result["seed"])
-        metric = group[0].metric
-        finals = np.array([r.result["final_eval"][metric] for r in group])
-        bests = np.array([r.result["best_eval"][metric] for r in group])
-        threshold = thresholds.get(env_name)
-        reached = [r.first_step_reaching(threshold) for r in group] if threshold is not None else []
-        absolutes = [
-            float(np.mean(r.absolute["episodes"]["win" if r.has_win else "episode_return"]))
-            for r in group
-            if r.absolute
-        ]
-        rows.append(
-            {
-                "env": env_name,
-                "algo": algo,
-                "metric": metric,
-                "seeds": [r.result["seed"] for r in group],
-                "steps": [r.result["steps"] for r in group],
-                "final": finals.tolist(),
-                "final_iqm": iqm(finals),
-                "final_ci": bootstrap_ci(finals),
-                "best": bests.tolist(),
-                "absolute": absolutes,
-                "absolute_iqm": iqm(np.array(absolutes)) if absolutes else None,
-                "absolute_ci": bootstrap_ci(np.array(absolutes)) if absolutes else None,
-                "threshold": threshold,
-                "first_step_reaching": reached,
-                "seconds": [r.result["seconds"] for r in group],
-                "commits": sorted({r.result["commit"] for r in group}),
-                "machine": group[0].result["machine"],
-            }
-        )
-    return rows
+# --- statistics (rliable) -------------------------------------------------------------------------
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| task | algo | metric | seeds | final eval per seed | final IQM [95% CI] "
-        "| absolute eval IQM [95% CI] | first step reaching threshold | wall time per run (s) | commit |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        fmt = "{:.2f}" if row["metric"] == "eval/win_rate" else "{:.0f}"
-        finals = ", ".join(fmt.format(v) for v in row["final"])
-        ci = row["final_ci"]
-        absolute = "-"
-        if row["absolute_iqm"] is not None:
-            a_ci = row["absolute_ci"]
-            absolute = f"{fmt.format(row['absolute_iqm'])} [{fmt.format(a_ci[0])}, {fmt.format(a_ci[1])}]"
-        reached = "-"
-        if row["threshold"] is not None:
-            steps = ", ".join(f"{s:,}" if s is not None else "never" for s in row["first_step_reaching"])
-            reached = f">= {row['threshold']:g}: {steps}"
-        seeds = ", ".join(map(str, row["seeds"]))
-        final = f"{fmt.format(row['final_iqm'])} [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
-        seconds = ", ".join(f"{s:.0f}" for s in row["seconds"])
-        lines.append(
-            f"| {row['env']} | {row['algo']} | {row['metric']} | {seeds} | {finals} | {final} | {absolute} "
-            f"| {reached} | {seconds} | {', '.join(row['commits'])} |"
-        )
-    return "\n".join(lines)
+def _interval_estimates(score_dict: dict[str, Any], func: Any, reps: int) -> tuple[dict, dict]:
+    """rliable's stratified bootstrap, made reproducible (it draws from numpy's global generator)."""
+    from rliable import library as rly
+
+    state = np.random.get_state()
+    np.random.seed(BOOTSTRAP_SEED)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # arch's deprecation notes about its own random_state
+            return rly.get_interval_estimates(score_dict, func, reps=reps)
+    finally:
+        np.random.set_state(state)
 
 
-def plot_groups(runs: list[Run], out: Path) -> Path:
-    """One panel per task: every seed's evaluation curve, and their IQM."""
-    import matplotlib
+def iqm_with_ci(scores: np.ndarray, reps: int = BOOTSTRAP_REPS) -> tuple[float, float, float]:
+    """IQM of scores (runs,) or (runs, tasks), and its 95% stratified-bootstrap interval."""
+    from rliable import metrics
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
-    for run in runs:
-        groups[run.key].append(run)
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
-    for ax, ((env_name, algo), group) in zip(axes[0], sorted(groups.items())):
-        metric = group[0].metric
-        curves = []
-        for run in sorted(group, key=lambda r: r.result["seed"]):
-            steps = [e["step"] for e in run.result["evaluations"]]
-            values = [e[metric] for e in run.result["evaluations"]]
-            ax.plot(steps, values, alpha=0.35, linewidth=1, label=f"seed {run.result['seed']}")
-            curves.append((steps, values))
-        length = min(len(s) for s, _ in curves)
-        if all(s[:length] == curves[0][0][:length] for s, _ in curves):
-            stacked = np.array([v[:length] for _, v in curves])
-            ax.plot(
-                curves[0][0][:length],
-                trim_mean(stacked, 0.25, axis=0),
-                color="black",
-                linewidth=2,
-                label="IQM",
-            )
-        ax.set_title(f"{algo} on {env_name}")
-        ax.set_xlabel("env steps")
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    scores = np.asarray(scores, dtype=float).reshape(len(scores), -1)
+    point, interval = _interval_estimates({"x": scores}, lambda s: np.array([metrics.aggregate_iqm(s)]), reps)
+    return float(point["x"][0]), float(interval["x"][0, 0]), float(interval["x"][1, 0])
 
 
-def summarize(run_dirs: list[Path], out_dir: Path, thresholds: dict[str, float]) -> list[dict[str, Any]]:
-    runs = load_runs(run_dirs)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = summary_rows(runs, thresholds)
-    (out_dir / "summary.json").write_text(json.dumps(rows, indent=2))
-    (out_dir / "marl_eval.json").write_text(json.dumps(marl_eval_json(runs)))
-    (out_dir / "table.md").write_text(markdown_table(rows) + "\n")
-    plot_groups(runs, out_dir / "curves.png")
-    return rows
+def iqm_curve_with_ci(scores: np.ndarray, reps: int = 2000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IQM over runs at every evaluation step of scores (runs, steps), with a 95% bootstrap band."""
+    from scipy.stats import trim_mean
+
+    scores = np.asarray(scores, dtype=float)[:, None, :]  # (runs, 1 task, steps): rliable's layout
+
+    def iqm_per_step(resampled: np.ndarray) -> np.ndarray:
+        # rliable's aggregate_iqm (a 25% trimmed mean over runs x tasks) at every step at once
+        return trim_mean(resampled.reshape(-1, resampled.shape[-1]), 0.25, axis=0)
+
+    point, interval = _interval_estimates({"x": scores}, iqm_per_step, reps)
+    return point["x"], interval["x"][0], interval["x"][1]
+
+
+def improvement_probability(scores_x: np.ndarray, scores_y: np.ndarray) -> float:
+    """rliable.metrics.probability_of_improvement without its per-task scipy call: the Mann-Whitney U
+    statistic over runs_x x runs_y pairs (ties count half) / pairs, averaged over tasks. Same value
+    (a test checks it), ~100x faster, which matters inside a bootstrap of thousands of resamples."""
+    greater = (scores_x[:, None, :] > scores_y[None, :, :]).mean(axis=(0, 1))  # (tasks,)
+    ties = (scores_x[:, None, :] == scores_y[None, :, :]).mean(axis=(0, 1))
+    return float(np.mean(greater + 0.5 * ties))
+
+
+def probability_of_improvement(
+    scores_x: np.ndarray, scores_y: np.ndarray, reps: int = BOOTSTRAP_REPS
+) -> tuple[float, float, float]:
+    """P(X > Y) of scores (runs_x, tasks) and (runs_y, tasks), averaged over tasks, with its interval."""
+    pair = (np.asarray(scores_x, dtype=float), np.asarray(scores_y, dtype=float))
+    point, interval = _interval_estimates({"x,y": pair}, improvement_probability, reps)
+    low, high = np.ravel(interval["x,y"])
+    return float(point["x,y"]), float(low), float(high)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from seqmarl.algos import make_algorithm
 from seqmarl.buffer import RolloutBuffer
-from seqmarl.checkpoint import save_checkpoint
+from seqmarl.checkpoint import atomic_save, save_checkpoint
 from seqmarl.config import TrainConfig
 from seqmarl.envs.registry import make_vector_env
 from seqmarl.errors import UserError
@@ -150,7 +150,7 @@ def train(config: TrainConfig) -> TrainResult:
         episode_results.append({"step": step, "episode_return": stats.returns, "win": stats.wins})
         return stats.summary("eval", spec.has_win)
 
-    def save(step: int, iteration: int) -> None:
+    def save(step: int, iteration: int, best: bool = False) -> None:
         payload = {
             "algorithm": algorithm.state_dict(),
             "config": config.to_dict(),
@@ -159,10 +159,23 @@ def train(config: TrainConfig) -> TrainResult:
             "iteration": iteration,
             "generator": generator.get_state(),
         }
-        save_checkpoint(checkpoint_dir, step, payload, run.keep_checkpoints)
+        if best:
+            atomic_save(payload, run_dir / "best.pt")
+        else:
+            save_checkpoint(checkpoint_dir, step, payload, run.keep_checkpoints)
+
+    # The best evaluation so far is kept as best.pt for the final "absolute" evaluation (issue 5);
+    # ties keep the earlier step, like best_eval in result.json.
+    best_key = "eval/win_rate" if spec.has_win else "eval/episodic_return"
+
+    def save_if_best(step: int, iteration: int) -> None:
+        previous = [summary[best_key] for _, summary in evaluations[:-1]]
+        if not previous or evaluations[-1][1][best_key] > max(previous):
+            save(step, iteration, best=True)
 
     evaluations: list[tuple[int, dict[str, float]]] = [(0, run_evaluation(0))]
     logger.log(0, evaluations[-1][1])
+    save_if_best(0, 0)
     progress = tqdm(
         total=num_iterations * steps_per_iteration,
         unit="step",
@@ -194,6 +207,7 @@ def train(config: TrainConfig) -> TrainResult:
             if last or _due(step, previous_step, run.eval_every):
                 evaluations.append((step, run_evaluation(step)))
                 metrics.update(evaluations[-1][1])
+                save_if_best(step, iteration + 1)
                 if not run.progress:  # without a progress bar, say something at every evaluation
                     shown = ", ".join(f"{k}={v}" for k, v in _postfix(metrics, evaluations[-1][1]).items())
                     total = num_iterations * steps_per_iteration
