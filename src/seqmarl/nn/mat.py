@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqmarl.nn import distributions as dist
-from seqmarl.nn.layers import MLP, RELU_GAIN, SMALL_GAIN, Attention, KVCache, init_linear
+from seqmarl.nn.layers import MLP, RELU_GAIN, SMALL_GAIN, Attention, init_linear
 from seqmarl.types import ContinuousActions, DiscreteActions, EnvSpec
 
 
@@ -121,15 +121,54 @@ class DecoderBlock(nn.Module):
         attended = self.cross_attn(self._cross_q_in(rep), self._cross_kv_in(x), causal=True)
         return self._after_cross(rep, attended)
 
-    def step(self, x: torch.Tensor, rep_i: torch.Tensor, i: int, caches: tuple[KVCache, KVCache]):
-        """Token i only. x, rep_i: (B, 1, E); the caches hold tokens 0..i-1 and receive token i."""
-        self_cache, cross_cache = caches
+    def step(self, x: torch.Tensor, rep_i: torch.Tensor, i: int, cache: DecoderCache) -> torch.Tensor:
+        """Token i only, reading and filling the block's cache. x, rep_i: (B, E) -> (B, E)."""
+        B, E = x.shape
+        H = self.self_attn.n_head
         h = self._self_in(x)
-        k, v = self_cache.append(i, *self.self_attn.project_kv(h))  # (B, H, i+1, D)
-        x = self._after_self(x, self.self_attn.attend(h, k, v, causal=False))
-        k, v = cross_cache.append(i, *self.cross_attn.project_kv(self._cross_kv_in(x)))
-        attended = self.cross_attn.attend(self._cross_q_in(rep_i), k, v, causal=False)
-        return self._after_cross(rep_i, attended)
+        qkv = F.linear(h, cache.qkv_weight, cache.qkv_bias).view(B, 3, H, E // H)
+        k, v = cache.self_attn_kv(i, qkv[:, 1:])  # 2 x (B, H, i+1, D)
+        attended = F.scaled_dot_product_attention(qkv[:, 0, :, None], k, v)  # (B, H, 1, D)
+        x = self._after_self(x, self.self_attn.proj(attended.reshape(B, E)))
+        kv = F.linear(self._cross_kv_in(x), cache.cross_kv_weight, cache.cross_kv_bias)  # (B, 2E)
+        k, v = cache.cross_attn_kv(i, kv.view(B, 2, H, E // H))  # 2 x (B, H, i+1, D)
+        attended = F.scaled_dot_product_attention(cache.cross_q[:, :, i : i + 1], k, v)  # (B, H, 1, D)
+        return self._after_cross(rep_i, self.cross_attn.proj(attended.reshape(B, E)))
+
+
+class DecoderCache:
+    """What one decoder block keeps while acting on one batch (section "act" in the module docstring).
+
+    - The self-attention's query/key/value weights fused into one matrix, and the cross-attention's
+      key/value weights into another: one matmul per token instead of three (two).
+    - The cross-attention's queries come from the encoded observations, known for every agent before
+      the first action is chosen: computed for all N agents in one matmul.
+    - Keys and values of the tokens decoded so far, preallocated for N tokens.
+    For one query token, attending over the prefix 0..i needs no causal mask.
+    """
+
+    def __init__(self, block: DecoderBlock, rep: torch.Tensor):
+        B, N, E = rep.shape
+        self_attn, cross_attn = block.self_attn, block.cross_attn
+        H = self_attn.n_head
+        self.qkv_weight = torch.cat([self_attn.query.weight, self_attn.key.weight, self_attn.value.weight])
+        self.qkv_bias = torch.cat([self_attn.query.bias, self_attn.key.bias, self_attn.value.bias])  # (3E,)
+        self.cross_kv_weight = torch.cat([cross_attn.key.weight, cross_attn.value.weight])  # (2E, E)
+        self.cross_kv_bias = torch.cat([cross_attn.key.bias, cross_attn.value.bias])  # (2E,)
+        self.cross_q = cross_attn.heads(cross_attn.query(block._cross_q_in(rep)))  # (B, H, N, D)
+        self.self_kv = rep.new_empty(2, B, H, N, E // H)  # keys [0] and values [1] of tokens 0..N-1
+        self.cross_kv = rep.new_empty(2, B, H, N, E // H)
+
+    @staticmethod
+    def _append(cache: torch.Tensor, i: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cache[:, :, :, i] = kv.transpose(0, 1)  # kv (B, 2, H, D) -> slot i of (2, B, H, N, D)
+        return cache[0, :, :, : i + 1], cache[1, :, :, : i + 1]  # 2 x (B, H, i+1, D)
+
+    def self_attn_kv(self, i: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._append(self.self_kv, i, kv)
+
+    def cross_attn_kv(self, i: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._append(self.cross_kv, i, kv)
 
 
 def _head(n_embd: int, n_out: int) -> nn.Sequential:
@@ -188,40 +227,39 @@ class MultiAgentTransformer(nn.Module):
         return self.encode(obs)[1]  # (B, N)
 
     # ----------------------------------------------------------------------------------------- decoder
-    def _embed_actions(self, prev: torch.Tensor | None, B: int, device: torch.device) -> torch.Tensor:
-        """Embed one action token per row; prev=None gives the start token. -> (B, L, E)."""
+    def _tokens(self, previous: torch.Tensor) -> torch.Tensor:
+        """Decoder input: the start token, then one token per previous agent's action.
+        previous (B, L) int or (B, L, A) float -> (B, L+1, E)."""
         if self.discrete:
-            index = torch.zeros(B, 1, dtype=torch.long, device=device) if prev is None else prev + 1
-            x = self.action_embed(index)
+            start = previous.new_zeros(previous.shape[0], 1)  # row 0 of the embedding is the start token
+            x = self.action_embed(torch.cat([start, previous + 1], dim=1))
         else:
-            if prev is None:
-                prev = torch.zeros(B, 1, self.action_width, device=device)
-            x = self.action_embed_linear(prev)
-        return self.dec_ln(F.gelu(x))
+            start = previous.new_zeros(previous.shape[0], 1, self.action_width)  # the reference's zeros
+            x = self.action_embed_linear(torch.cat([start, previous], dim=1))
+        return self.dec_ln(F.gelu(x))  # (B, L+1, E)
 
-    def _shifted_tokens(self, actions: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: token i embeds agent i-1's action, token 0 the start token. -> (B, N, E)."""
-        B = actions.shape[0]
-        start = self._embed_actions(None, B, actions.device)  # (B, 1, E)
-        rest = self._embed_actions(actions[:, :-1], B, actions.device)  # (B, N-1, E)
-        return torch.cat([start, rest], dim=1)
+    def _decode(self, x: torch.Tensor, rep: torch.Tensor) -> torch.Tensor:
+        """The whole decoder over L tokens: x (B, L, E), rep (B, L, E) -> policy outputs (B, L, A)."""
+        for block in self.dec_blocks:
+            x = block(x, rep)
+        return self.policy_head(self.dec_ln_final(x))
 
     def _std(self) -> torch.Tensor:
         return torch.sigmoid(self.std_param) * self.config.std_scale  # (A,)
 
+    def _log_prob_entropy(
+        self, out: torch.Tensor, action_mask: torch.Tensor, actions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Policy outputs (B, N, A) (logits or means) and actions -> log-probs, entropies (B, N)."""
+        if self.discrete:
+            return dist.categorical_log_prob_entropy(dist.masked_logits(out, action_mask), actions)
+        return dist.gaussian_log_prob_entropy(out, self._std(), actions)
+
     def evaluate(self, obs: torch.Tensor, action_mask: torch.Tensor, actions: torch.Tensor) -> EvalOutput:
         """Teacher-forced pass. obs (B, N, O), action_mask (B, N, A) bool, actions (B, N) or (B, N, A)."""
         rep, value = self.encode(obs)
-        x = self._shifted_tokens(actions)  # (B, N, E)
-        for block in self.dec_blocks:
-            x = block(x, rep)
-        out = self.policy_head(self.dec_ln_final(x))  # (B, N, A)
-        if self.discrete:
-            log_prob, entropy = dist.categorical_log_prob_entropy(
-                dist.masked_logits(out, action_mask), actions
-            )
-        else:
-            log_prob, entropy = dist.gaussian_log_prob_entropy(out, self._std(), actions)
+        out = self._decode(self._tokens(actions[:, :-1]), rep)  # (B, N, A)
+        log_prob, entropy = self._log_prob_entropy(out, action_mask, actions)
         return EvalOutput(log_prob=log_prob, entropy=entropy, value=value)
 
     @torch.no_grad()
@@ -231,28 +269,82 @@ class MultiAgentTransformer(nn.Module):
         action_mask: torch.Tensor,
         deterministic: bool = False,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
     ) -> ActOutput:
-        """Generate actions agent by agent with a key/value cache. obs (B, N, O), mask (B, N, A)."""
+        """Generate actions agent by agent. obs (B, N, O), mask (B, N, A).
+
+        All the sampling noise is drawn before the first agent acts, so `use_cache=False` (the whole
+        decoder recomputed over the prefix for every agent, as the reference does; kept for the
+        equivalence tests and bench/decode.py) consumes the same draws and gives the same actions.
+        """
         B, N, _ = obs.shape
         rep, value = self.encode(obs)  # (B, N, E), (B, N)
-        H, E = self.config.n_head, self.config.n_embd
-        caches = [(KVCache(B, H, N, E // H, rep), KVCache(B, H, N, E // H, rep)) for _ in self.dec_blocks]
-        actions, log_probs = [], []
-        prev: torch.Tensor | None = None
+        shape = (B, N, self.action_width)
+        noise = None if deterministic else dist.sampling_noise(shape, self.discrete, obs.device, generator)
+        offset = self._sampling_offset(action_mask, noise)  # (B, N, A) or None
+        decode = self._decode_cached if use_cache else self._decode_uncached
+        out, actions = decode(rep, offset)  # (B, N, A), (B, N) or (B, N, A)
+        log_prob, _ = self._log_prob_entropy(out, action_mask, actions)
+        return ActOutput(actions=actions, log_prob=log_prob, value=value)
+
+    def _sampling_offset(self, action_mask: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor | None:
+        """What `_choose` adds to agent i's policy output. Discrete: Gumbel noise (argmax of logits +
+        Gumbel is a sample), with unavailable actions pushed to MASKED_LOGIT; continuous: std * noise."""
+        if self.discrete:
+            offset = torch.zeros_like(action_mask, dtype=torch.float32) if noise is None else noise
+            return offset.masked_fill(~action_mask, dist.MASKED_LOGIT)  # (B, N, A)
+        return None if noise is None else self._std() * noise  # (B, N, A)
+
+    def _choose(self, out_i: torch.Tensor, offset_i: torch.Tensor | None) -> torch.Tensor:
+        """Agent i's action from its policy output (B, A): (B,) int64 or (B, A) float."""
+        if self.discrete:
+            return (out_i + offset_i).argmax(dim=-1)
+        return out_i if offset_i is None else out_i + offset_i
+
+    def _empty_actions(self, rep: torch.Tensor) -> torch.Tensor:
+        B, N, _ = rep.shape
+        if self.discrete:
+            return rep.new_empty(B, N, dtype=torch.long)
+        return rep.new_empty(B, N, self.action_width)
+
+    def _decode_cached(
+        self, rep: torch.Tensor, offset: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per agent through the decoder, keys/values of earlier agents from the cache.
+        rep (B, N, E) -> policy outputs (B, N, A), actions."""
+        B, N, E = rep.shape
+        caches = [DecoderCache(block, rep) for block in self.dec_blocks]
+        out = rep.new_empty(B, N, self.action_width)
+        actions = self._empty_actions(rep)
+        if self.discrete:
+            # The embedded token of every action is a fixed table (row 0: start), looked up per agent.
+            table = self.dec_ln(F.gelu(self.action_embed.weight))  # (A+1, E)
+            x = table[0].expand(B, E)
+        else:
+            x = self._tokens(actions[:, :0])[:, 0]  # the start token (B, E)
         for i in range(N):
-            x = self._embed_actions(prev, B, obs.device)  # (B, 1, E)
-            for block, block_caches in zip(self.dec_blocks, caches):
-                x = block.step(x, rep[:, i : i + 1], i, block_caches)
-            out = self.policy_head(self.dec_ln_final(x))  # (B, 1, A)
+            rep_i = rep[:, i]  # (B, E)
+            for block, cache in zip(self.dec_blocks, caches):
+                x = block.step(x, rep_i, i, cache)
+            out_i = self.policy_head(self.dec_ln_final(x))  # (B, A)
+            a = self._choose(out_i, None if offset is None else offset[:, i])
+            out[:, i] = out_i
+            actions[:, i] = a
             if self.discrete:
-                logits = dist.masked_logits(out, action_mask[:, i : i + 1])
-                a = dist.categorical_sample(logits, deterministic, generator)  # (B, 1)
-                lp, _ = dist.categorical_log_prob_entropy(logits, a)
+                x = table[a + 1]  # (B, E)
             else:
-                std = self._std()
-                a = dist.gaussian_sample(out, std, deterministic, generator)  # (B, 1, A)
-                lp, _ = dist.gaussian_log_prob_entropy(out, std, a)
-            actions.append(a)
-            log_probs.append(lp)
-            prev = a
-        return ActOutput(actions=torch.cat(actions, dim=1), log_prob=torch.cat(log_probs, dim=1), value=value)
+                x = self.dec_ln(F.gelu(self.action_embed_linear(a)))  # (B, E)
+        return out, actions
+
+    def _decode_uncached(
+        self, rep: torch.Tensor, offset: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's way: for agent i, the whole decoder over tokens 0..i. O(N^2) tokens."""
+        B, N, _ = rep.shape
+        out = rep.new_empty(B, N, self.action_width)
+        actions = self._empty_actions(rep)
+        for i in range(N):
+            out_i = self._decode(self._tokens(actions[:, :i]), rep[:, : i + 1])[:, -1]  # (B, A)
+            out[:, i] = out_i
+            actions[:, i] = self._choose(out_i, None if offset is None else offset[:, i])
+        return out, actions
