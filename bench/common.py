@@ -28,6 +28,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SLOWDOWN_LIMIT = 1.10  # a row more than 10% slower than its baseline is flagged
+MATMUL_SECONDS = 0.5  # how long each matmul-rate measurement runs (--quick: 0.05)
 
 
 # ------------------------------------------------------------------------------------------ set-up
@@ -42,6 +43,9 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def setup(args: argparse.Namespace) -> torch.device:
+    global MATMUL_SECONDS
+    if args.quick:
+        MATMUL_SECONDS = 0.05
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.device == "auto":
@@ -107,18 +111,18 @@ def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: i
     return statistics.median(times)
 
 
-def matmul_gflops(m: int, k: int, n: int, device: torch.device, seconds: float = 0.5) -> float:
+def matmul_gflops(m: int, k: int, n: int, device: torch.device, seconds: float | None = None) -> float:
     """Achieved GFLOP/s of (m x k) @ (k x n) in float32, timed for about `seconds`."""
     a = torch.randn(m, k, device=device)
     b = torch.randn(k, n, device=device)
     out = torch.empty(m, n, device=device)
     flops = 2.0 * m * n * k
     once = time_ms(lambda: torch.mm(a, b, out=out), device, repeats=3) / 1e3
-    repeats = max(3, int(seconds / max(once, 1e-6)))
+    repeats = max(3, int((seconds or MATMUL_SECONDS) / max(once, 1e-6)))
     return flops / (time_ms(lambda: torch.mm(a, b, out=out), device, repeats) / 1e3) / 1e9
 
 
-def model_shape_gflops(tokens: int, width: int, device: torch.device, seconds: float = 0.5) -> float:
+def model_shape_gflops(tokens: int, width: int, device: torch.device, seconds: float | None = None) -> float:
     """The rate of the model's own matmuls: a (tokens x E) @ (E x E) forward, its input gradient (same
     shape) and its weight gradient (E x tokens) @ (tokens x E), one of each; total FLOPs / total time."""
     forward = matmul_gflops(tokens, width, width, device, seconds)
@@ -126,7 +130,7 @@ def model_shape_gflops(tokens: int, width: int, device: torch.device, seconds: f
     return 3.0 / (2.0 / forward + 1.0 / weight_grad)
 
 
-def square_gflops(device: torch.device, size: int = 2048, seconds: float = 1.0) -> float:
+def square_gflops(device: torch.device, size: int = 2048, seconds: float | None = None) -> float:
     return matmul_gflops(size, size, size, device, seconds)
 
 

@@ -160,9 +160,9 @@ class DecoderCache:
         self.cross_kv = rep.new_empty(2, B, H, N, E // H)
 
     @staticmethod
-    def _append(cache: torch.Tensor, i: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cache[:, :, :, i] = kv.transpose(0, 1)  # kv (B, 2, H, D) -> slot i of (2, B, H, N, D)
-        return cache[0, :, :, : i + 1], cache[1, :, :, : i + 1]  # 2 x (B, H, i+1, D)
+    def _append(cache: torch.Tensor, i: int, kv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cache.select(3, i).copy_(kv.transpose(0, 1))  # kv (B, 2, H, D) -> slot i of (2, B, H, N, D)
+        return cache.narrow(3, 0, i + 1).unbind(0)  # keys, values: 2 x (B, H, i+1, D)
 
     def self_attn_kv(self, i: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._append(self.self_kv, i, kv)
@@ -311,30 +311,32 @@ class MultiAgentTransformer(nn.Module):
         self, rep: torch.Tensor, offset: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One token per agent through the decoder, keys/values of earlier agents from the cache.
-        rep (B, N, E) -> policy outputs (B, N, A), actions."""
+        rep (B, N, E) -> policy outputs (B, N, A), actions. Per-agent tensors are split off once and the
+        results stacked once: each agent step is a few dozen tiny ops, so per-op overhead is the cost."""
         B, N, E = rep.shape
         caches = [DecoderCache(block, rep) for block in self.dec_blocks]
-        out = rep.new_empty(B, N, self.action_width)
-        actions = self._empty_actions(rep)
+        rep_rows = rep.unbind(1)  # N x (B, E)
+        offset_rows = [None] * N if offset is None else offset.unbind(1)  # N x (B, A)
+        outs, actions = [], []
         if self.discrete:
-            # The embedded token of every action is a fixed table (row 0: start), looked up per agent.
-            table = self.dec_ln(F.gelu(self.action_embed.weight))  # (A+1, E)
-            x = table[0].expand(B, E)
+            # The embedded token of every action is a fixed table, looked up per agent.
+            table = self.dec_ln(F.gelu(self.action_embed.weight))  # (A+1, E), row 0 the start token
+            start, action_tokens = table[0].expand(B, E), table[1:]  # (B, E), (A, E)
         else:
-            x = self._tokens(actions[:, :0])[:, 0]  # the start token (B, E)
+            start = self._tokens(rep.new_empty(B, 0, self.action_width))[:, 0]  # (B, E)
+        x = start
         for i in range(N):
-            rep_i = rep[:, i]  # (B, E)
             for block, cache in zip(self.dec_blocks, caches):
-                x = block.step(x, rep_i, i, cache)
+                x = block.step(x, rep_rows[i], i, cache)
             out_i = self.policy_head(self.dec_ln_final(x))  # (B, A)
-            a = self._choose(out_i, None if offset is None else offset[:, i])
-            out[:, i] = out_i
-            actions[:, i] = a
+            a = self._choose(out_i, offset_rows[i])
+            outs.append(out_i)
+            actions.append(a)
             if self.discrete:
-                x = table[a + 1]  # (B, E)
+                x = action_tokens.index_select(0, a)  # (B, E)
             else:
                 x = self.dec_ln(F.gelu(self.action_embed_linear(a)))  # (B, E)
-        return out, actions
+        return torch.stack(outs, dim=1), torch.stack(actions, dim=1)
 
     def _decode_uncached(
         self, rep: torch.Tensor, offset: torch.Tensor | None
