@@ -1,9 +1,11 @@
 """MAT action generation: the key/value cache against the same weights decoded without one.
 
-For every row the same model acts on the same observations twice, with the same generator seed: once
-with the cache (one decoder token per agent) and once the reference's way (the whole decoder recomputed
-over the prefix 0..i for agent i). The two must give identical discrete actions and log-probs / continuous
-actions within float32 rounding (the two paths multiply matrices of different shapes).
+For every row the same model acts on the same observations with the same generator seed: with the cache
+(one decoder token per agent) and without one, the whole decoder recomputed for every agent i over
+- the prefix 0..i ("uncached", the headline ratio: the cheapest decoding without a cache), and
+- all N tokens ("whole sequence": exactly the reference's loop, twice the prefix's work).
+The outputs must agree: identical discrete actions, and log-probs / continuous actions within 1e-4
+(float32 rounding: the paths multiply matrices of different shapes).
 
     python bench/decode.py [--quick] [--json OUT] [--baseline FILE]
 
@@ -47,7 +49,10 @@ def generator(device: torch.device) -> torch.Generator:
 
 def bench_row(space_name: str, N: int, envs: int, uncached: bool, repeats: int, device: torch.device):
     model, obs, mask = make_inputs(space_name, N, envs, device)
-    act = lambda use_cache: model.act(obs, mask, generator=generator(device), use_cache=use_cache)  # noqa: E731
+
+    def act(use_cache: bool, whole_sequence: bool = False):
+        return model.act(obs, mask, False, generator(device), use_cache, whole_sequence)
+
     cached_ms = common.time_ms(lambda: act(True), device, repeats)
     row = {
         "name": f"{space_name}/N={N}/envs={envs}",
@@ -61,12 +66,16 @@ def bench_row(space_name: str, N: int, envs: int, uncached: bool, repeats: int, 
         # The slow path is timed fewer times: at N=256 one call takes seconds.
         row["uncached_ms"] = common.time_ms(lambda: act(False), device, max(1, repeats // 5), warmup=0)
         row["speedup"] = row["uncached_ms"] / cached_ms
-        a, b = act(True), act(False)
-        row["max_log_prob_diff"] = float((a.log_prob - b.log_prob).abs().max())
+        row["sequence_ms"] = common.time_ms(lambda: act(False, True), device, max(1, repeats // 5), warmup=0)
+        row["sequence_speedup"] = row["sequence_ms"] / cached_ms
+        a, b, c = act(True), act(False), act(False, True)
+        row["max_log_prob_diff"] = max(float((a.log_prob - x.log_prob).abs().max()) for x in (b, c))
         if space_name == "discrete":
-            row["actions_equal"] = bool(torch.equal(a.actions, b.actions))
+            row["actions_equal"] = bool(
+                torch.equal(a.actions, b.actions) and torch.equal(a.actions, c.actions)
+            )
         else:
-            row["max_action_diff"] = float((a.actions - b.actions).abs().max())
+            row["max_action_diff"] = max(float((a.actions - x.actions).abs().max()) for x in (b, c))
             row["actions_equal"] = row["max_action_diff"] <= TOLERANCE
         row["outputs_match"] = row["actions_equal"] and row["max_log_prob_diff"] <= TOLERANCE
     return row
@@ -76,7 +85,7 @@ def main() -> int:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--agents", type=int, nargs="+", default=[3, 10, 27, 64, 256, 1024])
     p.add_argument("--envs", type=int, default=32)
-    p.add_argument("--uncached-max-n", type=int, default=256, help="skip the O(N^2) path above this N")
+    p.add_argument("--uncached-max-n", type=int, default=256, help="skip the O(N^2) paths above this N")
     p.add_argument("--large-n-envs", type=int, default=8, help="also time the largest N with this many envs")
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_args()
@@ -107,6 +116,8 @@ def main() -> int:
             ("cached_ms", "cached ms", ".2f"),
             ("uncached_ms", "uncached ms", ".1f"),
             ("speedup", "speedup", ".1f"),
+            ("sequence_ms", "whole-sequence ms", ".1f"),
+            ("sequence_speedup", "speedup vs whole sequence", ".1f"),
             ("outputs_match", "same outputs", ""),
             ("max_log_prob_diff", "max |dlogp|", ".1e"),
             ("reference_ms", "reference MAT ms (REFERENCE.md 4)", ".1f"),

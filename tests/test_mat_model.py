@@ -132,9 +132,11 @@ def test_cached_act_matches_uncached_act_for_the_same_draws(space_name, config_n
     paths consume the same noise and give the same actions (discrete: exactly equal; continuous: within
     float32 rounding, since the two paths multiply matrices of different shapes) and log-probs."""
     model, obs, mask = make(space_name, config_name, N=9, B=16)
-    for deterministic in (False, True):
-        cached = model.act(obs, mask, deterministic, torch.Generator().manual_seed(3), use_cache=True)
-        uncached = model.act(obs, mask, deterministic, torch.Generator().manual_seed(3), use_cache=False)
+    for deterministic, whole_sequence in ((False, False), (False, True), (True, False)):
+        cached = model.act(obs, mask, deterministic, torch.Generator().manual_seed(3))
+        uncached = model.act(
+            obs, mask, deterministic, torch.Generator().manual_seed(3), False, whole_sequence
+        )
         if space_name == "discrete":
             assert torch.equal(cached.actions, uncached.actions)
         else:

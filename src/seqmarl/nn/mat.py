@@ -270,20 +270,26 @@ class MultiAgentTransformer(nn.Module):
         deterministic: bool = False,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        whole_sequence: bool = False,
     ) -> ActOutput:
         """Generate actions agent by agent. obs (B, N, O), mask (B, N, A).
 
-        All the sampling noise is drawn before the first agent acts, so `use_cache=False` (the whole
-        decoder recomputed over the prefix for every agent, as the reference does; kept for the
-        equivalence tests and bench/decode.py) consumes the same draws and gives the same actions.
+        `use_cache=False` decodes without a cache: for agent i the whole decoder is recomputed over the
+        tokens 0..i (O(N^2) tokens), or with `whole_sequence=True` over all N tokens, not-yet-chosen
+        actions included, exactly as the reference's loop does (causal masking makes the extra tokens
+        irrelevant; they only cost time). Kept for the equivalence tests and bench/decode.py. All the
+        sampling noise is drawn before the first agent acts, so every path consumes the same draws and
+        gives the same actions.
         """
         B, N, _ = obs.shape
         rep, value = self.encode(obs)  # (B, N, E), (B, N)
         shape = (B, N, self.action_width)
         noise = None if deterministic else dist.sampling_noise(shape, self.discrete, obs.device, generator)
         offset = self._sampling_offset(action_mask, noise)  # (B, N, A) or None
-        decode = self._decode_cached if use_cache else self._decode_uncached
-        out, actions = decode(rep, offset)  # (B, N, A), (B, N) or (B, N, A)
+        if use_cache:
+            out, actions = self._decode_cached(rep, offset)  # (B, N, A), (B, N) or (B, N, A)
+        else:
+            out, actions = self._decode_uncached(rep, offset, whole_sequence)
         log_prob, _ = self._log_prob_entropy(out, action_mask, actions)
         return ActOutput(actions=actions, log_prob=log_prob, value=value)
 
@@ -339,14 +345,17 @@ class MultiAgentTransformer(nn.Module):
         return torch.stack(outs, dim=1), torch.stack(actions, dim=1)
 
     def _decode_uncached(
-        self, rep: torch.Tensor, offset: torch.Tensor | None
+        self, rep: torch.Tensor, offset: torch.Tensor | None, whole_sequence: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The reference's way: for agent i, the whole decoder over tokens 0..i. O(N^2) tokens."""
+        """Without a cache: for agent i, the whole decoder over tokens 0..i (or 0..N-1)."""
         B, N, _ = rep.shape
         out = rep.new_empty(B, N, self.action_width)
-        actions = self._empty_actions(rep)
+        actions = self._empty_actions(rep).zero_()  # later agents' placeholders: any valid action
         for i in range(N):
-            out_i = self._decode(self._tokens(actions[:, :i]), rep[:, : i + 1])[:, -1]  # (B, A)
+            if whole_sequence:
+                out_i = self._decode(self._tokens(actions[:, :-1]), rep)[:, i]  # (B, A)
+            else:
+                out_i = self._decode(self._tokens(actions[:, :i]), rep[:, : i + 1])[:, -1]  # (B, A)
             out[:, i] = out_i
             actions[:, i] = self._choose(out_i, None if offset is None else offset[:, i])
         return out, actions
