@@ -122,25 +122,42 @@ class DecoderBlock(nn.Module):
         return self._after_cross(rep, attended)
 
     def step(self, x: torch.Tensor, rep_i: torch.Tensor, i: int, cache: DecoderCache) -> torch.Tensor:
-        """Token i only, reading and filling the block's cache. x, rep_i: (B, E) -> (B, E)."""
+        """Token i only, reading and filling the block's cache. x, rep_i: (B, E) -> (B, E).
+
+        The same computation as `forward` at position i, written with the cache's plain weights."""
         B, E = x.shape
-        H = self.self_attn.n_head
-        h = self._self_in(x)
-        qkv = F.linear(h, cache.qkv_weight, cache.qkv_bias).view(B, 3, H, E // H)
+        H, D = self.self_attn.n_head, E // self.self_attn.n_head
+        w = cache.weights
+        layer_norm = lambda t, name: F.layer_norm(t, (E,), *w[name])  # noqa: E731
+        h = layer_norm(x, "ln1") if self.pre_norm else x
+        qkv = F.linear(h, *w["qkv"]).view(B, 3, H, D)
         k, v = cache.self_attn_kv(i, qkv[:, 1:])  # 2 x (B, H, i+1, D)
         attended = F.scaled_dot_product_attention(qkv[:, 0, :, None], k, v)  # (B, H, 1, D)
-        x = self._after_self(x, self.self_attn.proj(attended.reshape(B, E)))
-        kv = F.linear(self._cross_kv_in(x), cache.cross_kv_weight, cache.cross_kv_bias)  # (B, 2E)
-        k, v = cache.cross_attn_kv(i, kv.view(B, 2, H, E // H))  # 2 x (B, H, i+1, D)
+        attended = F.linear(attended.reshape(B, E), *w["self_proj"])
+        x = x + attended if self.pre_norm else layer_norm(x + attended, "ln1")
+        kv = F.linear(layer_norm(x, "ln2") if self.pre_norm else x, *w["cross_kv"]).view(B, 2, H, D)
+        k, v = cache.cross_attn_kv(i, kv)  # 2 x (B, H, i+1, D)
         attended = F.scaled_dot_product_attention(cache.cross_q[:, :, i : i + 1], k, v)  # (B, H, 1, D)
-        return self._after_cross(rep_i, self.cross_attn.proj(attended.reshape(B, E)))
+        y = rep_i + F.linear(attended.reshape(B, E), *w["cross_proj"])
+        mlp = lambda t: F.linear(F.gelu(F.linear(t, *w["mlp_fc"])), *w["mlp_proj"])  # noqa: E731
+        if self.pre_norm:
+            return y + mlp(layer_norm(y, "ln3"))
+        y = layer_norm(y, "ln2")
+        return layer_norm(y + mlp(y), "ln3")
+
+
+def plain(layer: nn.Linear | nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's weight and bias as tensors that do not require grad. While acting, F.linear on these
+    costs ~6 us at (32 x 64) @ (64 x 64) against ~16 us for calling the nn.Linear (module dispatch and
+    autograd bookkeeping for parameters, even under no_grad): most of a decode step's time."""
+    return layer.weight.detach(), layer.bias.detach()
 
 
 class DecoderCache:
-    """What one decoder block keeps while acting on one batch (section "act" in the module docstring).
+    """What one decoder block keeps while acting on one batch.
 
-    - The self-attention's query/key/value weights fused into one matrix, and the cross-attention's
-      key/value weights into another: one matmul per token instead of three (two).
+    - Plain weights (see `plain`); the self-attention's query/key/value weights fused into one matrix
+      and the cross-attention's key/value weights into another: one matmul per token instead of 3 (2).
     - The cross-attention's queries come from the encoded observations, known for every agent before
       the first action is chosen: computed for all N agents in one matmul.
     - Keys and values of the tokens decoded so far, preallocated for N tokens.
@@ -151,10 +168,18 @@ class DecoderCache:
         B, N, E = rep.shape
         self_attn, cross_attn = block.self_attn, block.cross_attn
         H = self_attn.n_head
-        self.qkv_weight = torch.cat([self_attn.query.weight, self_attn.key.weight, self_attn.value.weight])
-        self.qkv_bias = torch.cat([self_attn.query.bias, self_attn.key.bias, self_attn.value.bias])  # (3E,)
-        self.cross_kv_weight = torch.cat([cross_attn.key.weight, cross_attn.value.weight])  # (2E, E)
-        self.cross_kv_bias = torch.cat([cross_attn.key.bias, cross_attn.value.bias])  # (2E,)
+        fuse = lambda *layers: tuple(torch.cat(parts) for parts in zip(*map(plain, layers)))  # noqa: E731
+        self.weights = {
+            "qkv": fuse(self_attn.query, self_attn.key, self_attn.value),  # (3E, E), (3E,)
+            "self_proj": plain(self_attn.proj),
+            "cross_kv": fuse(cross_attn.key, cross_attn.value),  # (2E, E), (2E,)
+            "cross_proj": plain(cross_attn.proj),
+            "mlp_fc": plain(block.mlp.fc),
+            "mlp_proj": plain(block.mlp.proj),
+            "ln1": plain(block.ln1),
+            "ln2": plain(block.ln2),
+            "ln3": plain(block.ln3),
+        }
         self.cross_q = cross_attn.heads(cross_attn.query(block._cross_q_in(rep)))  # (B, H, N, D)
         self.self_kv = rep.new_empty(2, B, H, N, E // H)  # keys [0] and values [1] of tokens 0..N-1
         self.cross_kv = rep.new_empty(2, B, H, N, E // H)
@@ -313,6 +338,20 @@ class MultiAgentTransformer(nn.Module):
             return rep.new_empty(B, N, dtype=torch.long)
         return rep.new_empty(B, N, self.action_width)
 
+    def _plain_policy_head(self):
+        """dec_ln_final -> policy head on plain weights (see `plain`): (B, E) -> (B, A)."""
+        fc, _, ln, out = self.policy_head
+        fc, ln, out = plain(fc), plain(ln), plain(out)
+        final = plain(self.dec_ln_final) if isinstance(self.dec_ln_final, nn.LayerNorm) else None
+        E = self.config.n_embd
+
+        def head(x: torch.Tensor) -> torch.Tensor:
+            if final is not None:
+                x = F.layer_norm(x, (E,), *final)
+            return F.linear(F.layer_norm(F.gelu(F.linear(x, *fc)), (E,), *ln), *out)
+
+        return head
+
     def _decode_cached(
         self, rep: torch.Tensor, offset: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -330,18 +369,20 @@ class MultiAgentTransformer(nn.Module):
             start, action_tokens = table[0].expand(B, E), table[1:]  # (B, E), (A, E)
         else:
             start = self._tokens(rep.new_empty(B, 0, self.action_width))[:, 0]  # (B, E)
+            embed, dec_ln = plain(self.action_embed_linear), plain(self.dec_ln)
+        head = self._plain_policy_head()
         x = start
         for i in range(N):
             for block, cache in zip(self.dec_blocks, caches):
                 x = block.step(x, rep_rows[i], i, cache)
-            out_i = self.policy_head(self.dec_ln_final(x))  # (B, A)
+            out_i = head(x)  # (B, A)
             a = self._choose(out_i, offset_rows[i])
             outs.append(out_i)
             actions.append(a)
             if self.discrete:
                 x = action_tokens.index_select(0, a)  # (B, E)
             else:
-                x = self.dec_ln(F.gelu(self.action_embed_linear(a)))  # (B, E)
+                x = F.layer_norm(F.gelu(F.linear(a, *embed)), (E,), *dec_ln)  # (B, E)
         return torch.stack(outs, dim=1), torch.stack(actions, dim=1)
 
     def _decode_uncached(
