@@ -74,3 +74,11 @@ def test_flop_count_of_the_reference_model():
     assert parts["decoder"] == 10 * 2 * 64 * 64 + 2 * 4 * 2 * 64
     assert sum(parts.values()) == 163_456
     assert common.train_flops_per_token(shape) == 3 * 163_456 - 2 * 100 * 64
+
+
+def test_before_after_script_runs_against_head(tmp_path):
+    out = tmp_path / "ab.json"
+    result = run_script("ab_act.py", "--before", "HEAD", "--json", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(row["max_log_prob_diff"] < 1e-5 for row in rows)
