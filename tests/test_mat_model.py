@@ -123,3 +123,27 @@ def test_categorical_sampler_matches_softmax_frequencies():
     freq = torch.bincount(samples, minlength=4).float() / samples.numel()
     expected = torch.softmax(torch.tensor([0.0, 1.0, 2.0, -1e10]), 0)
     torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
+
+
+@pytest.mark.parametrize("config_name", CONFIGS)
+@pytest.mark.parametrize("space_name", SPACES)
+def test_cached_act_matches_uncached_act_for_the_same_draws(space_name, config_name):
+    """The key/value cache changes the cost of acting, not its result: with the same generator seed both
+    paths consume the same noise and give the same actions (discrete: exactly equal; continuous: within
+    float32 rounding, since the two paths multiply matrices of different shapes) and log-probs."""
+    model, obs, mask = make(space_name, config_name, N=9, B=16)
+    for deterministic, whole_sequence in ((False, False), (False, True), (True, False)):
+        cached = model.act(obs, mask, deterministic, torch.Generator().manual_seed(3))
+        uncached = model.act(
+            obs, mask, deterministic, torch.Generator().manual_seed(3), False, whole_sequence
+        )
+        if space_name == "discrete":
+            assert torch.equal(cached.actions, uncached.actions)
+        else:
+            torch.testing.assert_close(cached.actions, uncached.actions, atol=1e-5, rtol=0)
+        torch.testing.assert_close(cached.log_prob, uncached.log_prob, atol=1e-5, rtol=0)
+        torch.testing.assert_close(cached.value, uncached.value, atol=0, rtol=0)
+    # and the draws matter: another seed gives other actions
+    sampled = model.act(obs, mask, False, torch.Generator().manual_seed(3))
+    other = model.act(obs, mask, False, torch.Generator().manual_seed(4))
+    assert not torch.equal(other.actions, sampled.actions)

@@ -17,14 +17,28 @@ def masked_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(~mask, MASKED_LOGIT)  # (B, L, A)
 
 
+def gumbel_noise(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None = None):
+    u = torch.rand(shape, generator=generator, device=device)
+    neg_log_u = (-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20)  # in (0, 46]
+    return -torch.log(neg_log_u)
+
+
+def sampling_noise(
+    shape: tuple[int, ...], discrete: bool, device: torch.device, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Every random number a sample of `shape` (B, N, A) needs: Gumbel noise for categorical
+    (Gumbel-max), standard normal noise for Gaussian actions. Drawn in one call so that any decoding
+    order consumes the same draws."""
+    if discrete:
+        return gumbel_noise(shape, device, generator)
+    return torch.randn(shape, generator=generator, device=device)
+
+
 def categorical_sample(logits: torch.Tensor, deterministic: bool, generator: torch.Generator | None = None):
     """Gumbel-max sampling: argmax(logits + Gumbel noise); masked logits can never win."""
     if deterministic:
         return logits.argmax(dim=-1)  # (B, L)
-    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
-    neg_log_u = (-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20)  # in (0, 46]
-    gumbel = -torch.log(neg_log_u)
-    return (logits + gumbel).argmax(dim=-1)  # (B, L)
+    return (logits + gumbel_noise(logits.shape, logits.device, generator)).argmax(dim=-1)  # (B, L)
 
 
 def categorical_log_prob_entropy(

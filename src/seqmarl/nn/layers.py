@@ -1,4 +1,4 @@
-"""Transformer pieces shared by the networks: attention with an optional key/value cache, MLP, init.
+"""Transformer pieces shared by the networks: attention, MLP, init.
 
 Shape legend: B batch (envs or samples), N agents (tokens), E embedding, H heads, D = E / H head size.
 """
@@ -27,8 +27,8 @@ SMALL_GAIN = 0.01  # gain for every other layer in the reference
 class Attention(nn.Module):
     """Multi-head attention whose queries and keys/values may come from different token streams.
 
-    `forward` attends over whole sequences (training); `project_kv` + `attend` let the decoder fill a
-    key/value cache one token at a time and attend over the cached prefix (acting).
+    `forward` attends over whole sequences; the decoder's cached step (nn/mat.py) reuses `heads` and the
+    projection weights.
     """
 
     def __init__(self, n_embd: int, n_head: int):
@@ -41,24 +41,17 @@ class Attention(nn.Module):
         self.value = init_linear(nn.Linear(n_embd, n_embd), SMALL_GAIN)
         self.proj = init_linear(nn.Linear(n_embd, n_embd), SMALL_GAIN)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
         B, L, E = x.shape
         return x.view(B, L, self.n_head, E // self.n_head).transpose(1, 2)  # (B, H, L, D)
 
-    def project_kv(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._heads(self.key(source)), self._heads(self.value(source))  # 2 x (B, H, L, D)
-
-    def attend(
-        self, query_source: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
-    ) -> torch.Tensor:
+    def forward(self, query_source: torch.Tensor, kv_source: torch.Tensor, causal: bool) -> torch.Tensor:
+        """query_source (B, L, E), kv_source (B, L, E) -> (B, L, E)."""
         B, L, E = query_source.shape
-        q = self._heads(self.query(query_source))  # (B, H, L, D)
+        q = self.heads(self.query(query_source))  # (B, H, L, D)
+        k, v = self.heads(self.key(kv_source)), self.heads(self.value(kv_source))  # 2 x (B, H, L, D)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, L, D)
         return self.proj(y.transpose(1, 2).reshape(B, L, E))  # (B, L, E)
-
-    def forward(self, query_source: torch.Tensor, kv_source: torch.Tensor, causal: bool) -> torch.Tensor:
-        k, v = self.project_kv(kv_source)
-        return self.attend(query_source, k, v, causal)
 
 
 class MLP(nn.Module):
@@ -71,17 +64,3 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.gelu(self.fc(x)))
-
-
-class KVCache:
-    """Preallocated keys/values for one attention layer, filled one agent at a time while acting."""
-
-    def __init__(self, B: int, H: int, N: int, D: int, like: torch.Tensor):
-        self.k = like.new_empty(B, H, N, D)
-        self.v = like.new_empty(B, H, N, D)
-
-    def append(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store token i's key/value (B, H, 1, D) and return the prefix 0..i (B, H, i+1, D)."""
-        self.k[:, :, i : i + 1] = k
-        self.v[:, :, i : i + 1] = v
-        return self.k[:, :, : i + 1], self.v[:, :, : i + 1]

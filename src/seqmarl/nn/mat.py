@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqmarl.nn import distributions as dist
-from seqmarl.nn.layers import MLP, RELU_GAIN, SMALL_GAIN, Attention, KVCache, init_linear
+from seqmarl.nn.layers import MLP, RELU_GAIN, SMALL_GAIN, Attention, init_linear
 from seqmarl.types import ActOutput, ContinuousActions, DiscreteActions, EnvSpec, EvalOutput
 
 
@@ -107,15 +107,79 @@ class DecoderBlock(nn.Module):
         attended = self.cross_attn(self._cross_q_in(rep), self._cross_kv_in(x), causal=True)
         return self._after_cross(rep, attended)
 
-    def step(self, x: torch.Tensor, rep_i: torch.Tensor, i: int, caches: tuple[KVCache, KVCache]):
-        """Token i only. x, rep_i: (B, 1, E); the caches hold tokens 0..i-1 and receive token i."""
-        self_cache, cross_cache = caches
-        h = self._self_in(x)
-        k, v = self_cache.append(i, *self.self_attn.project_kv(h))  # (B, H, i+1, D)
-        x = self._after_self(x, self.self_attn.attend(h, k, v, causal=False))
-        k, v = cross_cache.append(i, *self.cross_attn.project_kv(self._cross_kv_in(x)))
-        attended = self.cross_attn.attend(self._cross_q_in(rep_i), k, v, causal=False)
-        return self._after_cross(rep_i, attended)
+    def step(self, x: torch.Tensor, rep_i: torch.Tensor, i: int, cache: DecoderCache) -> torch.Tensor:
+        """Token i only, reading and filling the block's cache. x, rep_i: (B, E) -> (B, E).
+
+        The same computation as `forward` at position i, written with the cache's plain weights."""
+        B, E = x.shape
+        H, D = self.self_attn.n_head, E // self.self_attn.n_head
+        w = cache.weights
+        layer_norm = lambda t, name: F.layer_norm(t, (E,), *w[name])  # noqa: E731
+        h = layer_norm(x, "ln1") if self.pre_norm else x
+        qkv = F.linear(h, *w["qkv"]).view(B, 3, H, D)
+        k, v = cache.self_attn_kv(i, qkv[:, 1:])  # 2 x (B, H, i+1, D)
+        attended = F.scaled_dot_product_attention(qkv[:, 0, :, None], k, v)  # (B, H, 1, D)
+        attended = F.linear(attended.reshape(B, E), *w["self_proj"])
+        x = x + attended if self.pre_norm else layer_norm(x + attended, "ln1")
+        kv = F.linear(layer_norm(x, "ln2") if self.pre_norm else x, *w["cross_kv"]).view(B, 2, H, D)
+        k, v = cache.cross_attn_kv(i, kv)  # 2 x (B, H, i+1, D)
+        attended = F.scaled_dot_product_attention(cache.cross_q[:, :, i : i + 1], k, v)  # (B, H, 1, D)
+        y = rep_i + F.linear(attended.reshape(B, E), *w["cross_proj"])
+        mlp = lambda t: F.linear(F.gelu(F.linear(t, *w["mlp_fc"])), *w["mlp_proj"])  # noqa: E731
+        if self.pre_norm:
+            return y + mlp(layer_norm(y, "ln3"))
+        y = layer_norm(y, "ln2")
+        return layer_norm(y + mlp(y), "ln3")
+
+
+def plain(layer: nn.Linear | nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's weight and bias as tensors that do not require grad. While acting, F.linear on these
+    costs ~6 us at (32 x 64) @ (64 x 64) against ~16 us for calling the nn.Linear (module dispatch and
+    autograd bookkeeping for parameters, even under no_grad): most of a decode step's time."""
+    return layer.weight.detach(), layer.bias.detach()
+
+
+class DecoderCache:
+    """What one decoder block keeps while acting on one batch.
+
+    - Plain weights (see `plain`); the self-attention's query/key/value weights fused into one matrix
+      and the cross-attention's key/value weights into another: one matmul per token instead of 3 (2).
+    - The cross-attention's queries come from the encoded observations, known for every agent before
+      the first action is chosen: computed for all N agents in one matmul.
+    - Keys and values of the tokens decoded so far, preallocated for N tokens.
+    For one query token, attending over the prefix 0..i needs no causal mask.
+    """
+
+    def __init__(self, block: DecoderBlock, rep: torch.Tensor):
+        B, N, E = rep.shape
+        self_attn, cross_attn = block.self_attn, block.cross_attn
+        H = self_attn.n_head
+        fuse = lambda *layers: tuple(torch.cat(parts) for parts in zip(*map(plain, layers)))  # noqa: E731
+        self.weights = {
+            "qkv": fuse(self_attn.query, self_attn.key, self_attn.value),  # (3E, E), (3E,)
+            "self_proj": plain(self_attn.proj),
+            "cross_kv": fuse(cross_attn.key, cross_attn.value),  # (2E, E), (2E,)
+            "cross_proj": plain(cross_attn.proj),
+            "mlp_fc": plain(block.mlp.fc),
+            "mlp_proj": plain(block.mlp.proj),
+            "ln1": plain(block.ln1),
+            "ln2": plain(block.ln2),
+            "ln3": plain(block.ln3),
+        }
+        self.cross_q = cross_attn.heads(cross_attn.query(block._cross_q_in(rep)))  # (B, H, N, D)
+        self.self_kv = rep.new_empty(2, B, H, N, E // H)  # keys [0] and values [1] of tokens 0..N-1
+        self.cross_kv = rep.new_empty(2, B, H, N, E // H)
+
+    @staticmethod
+    def _append(cache: torch.Tensor, i: int, kv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cache.select(3, i).copy_(kv.transpose(0, 1))  # kv (B, 2, H, D) -> slot i of (2, B, H, N, D)
+        return cache.narrow(3, 0, i + 1).unbind(0)  # keys, values: 2 x (B, H, i+1, D)
+
+    def self_attn_kv(self, i: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._append(self.self_kv, i, kv)
+
+    def cross_attn_kv(self, i: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._append(self.cross_kv, i, kv)
 
 
 def _head(n_embd: int, n_out: int) -> nn.Sequential:
@@ -181,40 +245,39 @@ class MultiAgentTransformer(EncoderMixin, nn.Module):
         self.policy_head = _head(E, A)
 
     # ----------------------------------------------------------------------------------------- decoder
-    def _embed_actions(self, prev: torch.Tensor | None, B: int, device: torch.device) -> torch.Tensor:
-        """Embed one action token per row; prev=None gives the start token. -> (B, L, E)."""
+    def _tokens(self, previous: torch.Tensor) -> torch.Tensor:
+        """Decoder input: the start token, then one token per previous agent's action.
+        previous (B, L) int or (B, L, A) float -> (B, L+1, E)."""
         if self.discrete:
-            index = torch.zeros(B, 1, dtype=torch.long, device=device) if prev is None else prev + 1
-            x = self.action_embed(index)
+            start = previous.new_zeros(previous.shape[0], 1)  # row 0 of the embedding is the start token
+            x = self.action_embed(torch.cat([start, previous + 1], dim=1))
         else:
-            if prev is None:
-                prev = torch.zeros(B, 1, self.action_width, device=device)
-            x = self.action_embed_linear(prev)
-        return self.dec_ln(F.gelu(x))
+            start = previous.new_zeros(previous.shape[0], 1, self.action_width)  # the reference's zeros
+            x = self.action_embed_linear(torch.cat([start, previous], dim=1))
+        return self.dec_ln(F.gelu(x))  # (B, L+1, E)
 
-    def _shifted_tokens(self, actions: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: token i embeds agent i-1's action, token 0 the start token. -> (B, N, E)."""
-        B = actions.shape[0]
-        start = self._embed_actions(None, B, actions.device)  # (B, 1, E)
-        rest = self._embed_actions(actions[:, :-1], B, actions.device)  # (B, N-1, E)
-        return torch.cat([start, rest], dim=1)
+    def _decode(self, x: torch.Tensor, rep: torch.Tensor) -> torch.Tensor:
+        """The whole decoder over L tokens: x (B, L, E), rep (B, L, E) -> policy outputs (B, L, A)."""
+        for block in self.dec_blocks:
+            x = block(x, rep)
+        return self.policy_head(self.dec_ln_final(x))
 
     def _std(self) -> torch.Tensor:
         return torch.sigmoid(self.std_param) * self.config.std_scale  # (A,)
 
+    def _log_prob_entropy(
+        self, out: torch.Tensor, action_mask: torch.Tensor, actions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Policy outputs (B, N, A) (logits or means) and actions -> log-probs, entropies (B, N)."""
+        if self.discrete:
+            return dist.categorical_log_prob_entropy(dist.masked_logits(out, action_mask), actions)
+        return dist.gaussian_log_prob_entropy(out, self._std(), actions)
+
     def evaluate(self, obs: torch.Tensor, action_mask: torch.Tensor, actions: torch.Tensor) -> EvalOutput:
         """Teacher-forced pass. obs (B, N, O), action_mask (B, N, A) bool, actions (B, N) or (B, N, A)."""
         rep, value = self.encode(obs)
-        x = self._shifted_tokens(actions)  # (B, N, E)
-        for block in self.dec_blocks:
-            x = block(x, rep)
-        out = self.policy_head(self.dec_ln_final(x))  # (B, N, A)
-        if self.discrete:
-            log_prob, entropy = dist.categorical_log_prob_entropy(
-                dist.masked_logits(out, action_mask), actions
-            )
-        else:
-            log_prob, entropy = dist.gaussian_log_prob_entropy(out, self._std(), actions)
+        out = self._decode(self._tokens(actions[:, :-1]), rep)  # (B, N, A)
+        log_prob, entropy = self._log_prob_entropy(out, action_mask, actions)
         return EvalOutput(log_prob=log_prob, entropy=entropy, value=value)
 
     @torch.no_grad()
@@ -224,28 +287,109 @@ class MultiAgentTransformer(EncoderMixin, nn.Module):
         action_mask: torch.Tensor,
         deterministic: bool = False,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
+        whole_sequence: bool = False,
     ) -> ActOutput:
-        """Generate actions agent by agent with a key/value cache. obs (B, N, O), mask (B, N, A)."""
+        """Generate actions agent by agent. obs (B, N, O), mask (B, N, A).
+
+        `use_cache=False` decodes without a cache: for agent i the whole decoder is recomputed over the
+        tokens 0..i (O(N^2) tokens), or with `whole_sequence=True` over all N tokens, not-yet-chosen
+        actions included, exactly as the reference's loop does (causal masking makes the extra tokens
+        irrelevant; they only cost time). Kept for the equivalence tests and bench/decode.py. All the
+        sampling noise is drawn before the first agent acts, so every path consumes the same draws and
+        gives the same actions.
+        """
         B, N, _ = obs.shape
         rep, value = self.encode(obs)  # (B, N, E), (B, N)
-        H, E = self.config.n_head, self.config.n_embd
-        caches = [(KVCache(B, H, N, E // H, rep), KVCache(B, H, N, E // H, rep)) for _ in self.dec_blocks]
-        actions, log_probs = [], []
-        prev: torch.Tensor | None = None
+        shape = (B, N, self.action_width)
+        noise = None if deterministic else dist.sampling_noise(shape, self.discrete, obs.device, generator)
+        offset = self._sampling_offset(action_mask, noise)  # (B, N, A) or None
+        if use_cache:
+            out, actions = self._decode_cached(rep, offset)  # (B, N, A), (B, N) or (B, N, A)
+        else:
+            out, actions = self._decode_uncached(rep, offset, whole_sequence)
+        log_prob, _ = self._log_prob_entropy(out, action_mask, actions)
+        return ActOutput(actions=actions, log_prob=log_prob, value=value)
+
+    def _sampling_offset(self, action_mask: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor | None:
+        """What `_choose` adds to agent i's policy output. Discrete: Gumbel noise (argmax of logits +
+        Gumbel is a sample), with unavailable actions pushed to MASKED_LOGIT; continuous: std * noise."""
+        if self.discrete:
+            offset = torch.zeros_like(action_mask, dtype=torch.float32) if noise is None else noise
+            return offset.masked_fill(~action_mask, dist.MASKED_LOGIT)  # (B, N, A)
+        return None if noise is None else self._std() * noise  # (B, N, A)
+
+    def _choose(self, out_i: torch.Tensor, offset_i: torch.Tensor | None) -> torch.Tensor:
+        """Agent i's action from its policy output (B, A): (B,) int64 or (B, A) float."""
+        if self.discrete:
+            return (out_i + offset_i).argmax(dim=-1)
+        return out_i if offset_i is None else out_i + offset_i
+
+    def _empty_actions(self, rep: torch.Tensor) -> torch.Tensor:
+        B, N, _ = rep.shape
+        if self.discrete:
+            return rep.new_empty(B, N, dtype=torch.long)
+        return rep.new_empty(B, N, self.action_width)
+
+    def _plain_policy_head(self):
+        """dec_ln_final -> policy head on plain weights (see `plain`): (B, E) -> (B, A)."""
+        fc, _, ln, out = self.policy_head
+        fc, ln, out = plain(fc), plain(ln), plain(out)
+        final = plain(self.dec_ln_final) if isinstance(self.dec_ln_final, nn.LayerNorm) else None
+        E = self.config.n_embd
+
+        def head(x: torch.Tensor) -> torch.Tensor:
+            if final is not None:
+                x = F.layer_norm(x, (E,), *final)
+            return F.linear(F.layer_norm(F.gelu(F.linear(x, *fc)), (E,), *ln), *out)
+
+        return head
+
+    def _decode_cached(
+        self, rep: torch.Tensor, offset: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per agent through the decoder, keys/values of earlier agents from the cache.
+        rep (B, N, E) -> policy outputs (B, N, A), actions. Per-agent tensors are split off once and the
+        results stacked once: each agent step is a few dozen tiny ops, so per-op overhead is the cost."""
+        B, N, E = rep.shape
+        caches = [DecoderCache(block, rep) for block in self.dec_blocks]
+        rep_rows = rep.unbind(1)  # N x (B, E)
+        offset_rows = [None] * N if offset is None else offset.unbind(1)  # N x (B, A)
+        outs, actions = [], []
+        if self.discrete:
+            # The embedded token of every action is a fixed table, looked up per agent.
+            table = self.dec_ln(F.gelu(self.action_embed.weight))  # (A+1, E), row 0 the start token
+            start, action_tokens = table[0].expand(B, E), table[1:]  # (B, E), (A, E)
+        else:
+            start = self._tokens(rep.new_empty(B, 0, self.action_width))[:, 0]  # (B, E)
+            embed, dec_ln = plain(self.action_embed_linear), plain(self.dec_ln)
+        head = self._plain_policy_head()
+        x = start
         for i in range(N):
-            x = self._embed_actions(prev, B, obs.device)  # (B, 1, E)
-            for block, block_caches in zip(self.dec_blocks, caches):
-                x = block.step(x, rep[:, i : i + 1], i, block_caches)
-            out = self.policy_head(self.dec_ln_final(x))  # (B, 1, A)
-            if self.discrete:
-                logits = dist.masked_logits(out, action_mask[:, i : i + 1])
-                a = dist.categorical_sample(logits, deterministic, generator)  # (B, 1)
-                lp, _ = dist.categorical_log_prob_entropy(logits, a)
-            else:
-                std = self._std()
-                a = dist.gaussian_sample(out, std, deterministic, generator)  # (B, 1, A)
-                lp, _ = dist.gaussian_log_prob_entropy(out, std, a)
+            for block, cache in zip(self.dec_blocks, caches):
+                x = block.step(x, rep_rows[i], i, cache)
+            out_i = head(x)  # (B, A)
+            a = self._choose(out_i, offset_rows[i])
+            outs.append(out_i)
             actions.append(a)
-            log_probs.append(lp)
-            prev = a
-        return ActOutput(actions=torch.cat(actions, dim=1), log_prob=torch.cat(log_probs, dim=1), value=value)
+            if self.discrete:
+                x = action_tokens.index_select(0, a)  # (B, E)
+            else:
+                x = F.layer_norm(F.gelu(F.linear(a, *embed)), (E,), *dec_ln)  # (B, E)
+        return torch.stack(outs, dim=1), torch.stack(actions, dim=1)
+
+    def _decode_uncached(
+        self, rep: torch.Tensor, offset: torch.Tensor | None, whole_sequence: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Without a cache: for agent i, the whole decoder over tokens 0..i (or 0..N-1)."""
+        B, N, _ = rep.shape
+        out = rep.new_empty(B, N, self.action_width)
+        actions = self._empty_actions(rep).zero_()  # later agents' placeholders: any valid action
+        for i in range(N):
+            if whole_sequence:
+                out_i = self._decode(self._tokens(actions[:, :-1]), rep)[:, i]  # (B, A)
+            else:
+                out_i = self._decode(self._tokens(actions[:, :i]), rep[:, : i + 1])[:, -1]  # (B, A)
+            out[:, i] = out_i
+            actions[:, i] = self._choose(out_i, None if offset is None else offset[:, i])
+        return out, actions

@@ -1,0 +1,118 @@
+"""The PPO update of MAT: forward, loss, backward and Adam on 3200 samples x N agents, one minibatch,
+through `MATAlgorithm.update` (the trainer's own code path), against the matmul rate measured in this run.
+
+    python bench/update.py [--quick] [--json OUT] [--baseline FILE]
+
+Model FLOPs per token are counted analytically from the config (bench/common.py states the formula);
+achieved GFLOP/s = FLOPs per token x tokens / time. Two matmul rates are measured in the same process:
+- model shape: (3200*N x 64) @ (64 x 64) forward and input gradient, (64 x 3200*N) @ (3200*N x 64)
+  weight gradient, one of each (the shapes the update is made of);
+- square: 2048 x 2048 x 2048 (the machine's best case).
+The target (>= 70% of the matmul rate) is read against the model-shape rate; both ratios are printed.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import common
+import torch
+
+from seqmarl.algos.mat import MATAlgorithm
+from seqmarl.buffer import RolloutBatch
+from seqmarl.config import PPOConfig
+from seqmarl.nn.mat import MATConfig
+from seqmarl.types import DiscreteActions, EnvSpec
+
+OBS_DIM, ACTIONS = 100, 10  # REFERENCE.md 4
+# The reference's own update timings on this machine kind (REFERENCE.md 4), for context.
+REFERENCE_UPDATE_MS = {3: 88.0, 10: 251.0, 27: 755.0, 64: 3952.0}
+
+
+def synthetic_batch(samples: int, N: int, device: torch.device) -> RolloutBatch:
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(samples, N, ACTIONS, generator=g) > 0.3
+    mask[..., 0] = True
+    actions = torch.multinomial(mask.reshape(-1, ACTIONS).float(), 1, generator=g).reshape(samples, N)
+    batch = RolloutBatch(
+        obs=torch.randn(samples, N, OBS_DIM, generator=g),
+        action_mask=mask,
+        alive=torch.rand(samples, N, generator=g) > 0.05,
+        actions=actions,
+        log_prob=-torch.rand(samples, N, generator=g) * 2.0,
+        values=torch.randn(samples, N, generator=g) * 0.1,
+        advantages=torch.randn(samples, generator=g),
+        returns=torch.randn(samples, generator=g),
+    )
+    return RolloutBatch(*(getattr(batch, f).to(device) for f in batch.__dataclass_fields__))
+
+
+def bench_row(N: int, samples: int, repeats: int, device: torch.device, square_rate: float) -> dict:
+    spec = EnvSpec("bench", N, OBS_DIM, OBS_DIM, DiscreteActions(ACTIONS), 100, False)
+    torch.manual_seed(0)
+    algorithm = MATAlgorithm(spec, MATConfig(), PPOConfig(epochs=1, num_minibatches=1), device)
+    batch = synthetic_batch(samples, N, device)
+    generator = torch.Generator().manual_seed(0)
+    update_ms = common.time_ms(lambda: algorithm.update(batch, 5e-4, generator), device, repeats, warmup=2)
+    tokens = samples * N
+    flops_per_token = common.train_flops_per_token(common.ModelShape(N, OBS_DIM, ACTIONS, discrete=True))
+    achieved = flops_per_token * tokens / (update_ms / 1e3) / 1e9
+    model_rate = common.model_shape_gflops(tokens, 64, device)
+    return {
+        "name": f"N={N}/samples={samples}",
+        "N": N,
+        "samples": samples,
+        "update_ms": update_ms,
+        "reference_ms": REFERENCE_UPDATE_MS.get(N) if samples == 3200 else None,
+        "tokens_per_s": tokens / (update_ms / 1e3),
+        "mflops_per_token": flops_per_token / 1e6,
+        "gflops": achieved,
+        "matmul_model_shape_gflops": model_rate,
+        "matmul_square_gflops": square_rate,
+        "fraction_of_model_shape_rate": achieved / model_rate,
+        "fraction_of_square_rate": achieved / square_rate,
+    }
+
+
+def main() -> int:
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--agents", type=int, nargs="+", default=[3, 10, 27, 64])
+    p.add_argument("--samples", type=int, default=3200)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    if args.quick:
+        args.agents, args.samples, args.repeats = [3], 64, 2
+    device = common.setup(args)
+    machine = common.machine(device)
+    print(
+        f"# update: {machine['cpu']} / {machine['device']}, torch {machine['torch']}, "
+        f"{machine['threads']} threads, load {machine['load_average']}, commit {machine['commit']}"
+    )
+    square_rate = common.square_gflops(device, size=256 if args.quick else 2048)
+    rows = []
+    for N in args.agents:
+        rows.append(bench_row(N, args.samples, args.repeats, device, square_rate))
+        print(f"  {rows[-1]['name']}: {rows[-1]['update_ms']:.1f} ms", file=sys.stderr)
+    common.print_table(
+        rows,
+        [
+            ("N", "N", "d"),
+            ("samples", "samples", "d"),
+            ("update_ms", "update ms", ".1f"),
+            ("reference_ms", "reference MAT ms (REFERENCE.md 4)", ".0f"),
+            ("tokens_per_s", "tokens/s", ",.0f"),
+            ("mflops_per_token", "MFLOP/token (fwd+bwd)", ".3f"),
+            ("gflops", "achieved GFLOP/s", ".1f"),
+            ("matmul_model_shape_gflops", "matmul GFLOP/s, model shape", ".1f"),
+            ("fraction_of_model_shape_rate", "of model-shape rate", ".0%"),
+            ("matmul_square_gflops", "matmul GFLOP/s, square", ".1f"),
+            ("fraction_of_square_rate", "of square rate", ".0%"),
+        ],
+    )
+    common.write_json(args.json, {"benchmark": "update", "machine": machine, "rows": rows})
+    ok = common.compare_with_baseline(rows, args.baseline, "update_ms", higher_is_better=False)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The benchmark scripts in bench/ run (--quick), write their JSON, and flag a slowdown against a baseline."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import common  # noqa: E402
+
+
+def run_script(name: str, *argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, str(REPO / "bench" / name), "--quick", "--threads", "1", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "script, required",
+    [
+        ("decode.py", ["cached_ms", "uncached_ms", "speedup", "outputs_match"]),
+        ("update.py", ["update_ms", "gflops", "matmul_model_shape_gflops", "fraction_of_model_shape_rate"]),
+        ("train.py", ["steps_per_s", "bound_steps_per_s", "fraction_of_bound", "env_fraction"]),
+    ],
+)
+def test_script_runs_and_compares_with_its_own_baseline(script, required, tmp_path):
+    out = tmp_path / "result.json"
+    result = run_script(script, "--json", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    payload = json.loads(out.read_text())
+    for key in ("commit", "cpu", "torch", "threads", "load_average"):
+        assert key in payload["machine"]
+    assert all(required[0] in row for row in payload["rows"])
+    for key in required:
+        assert any(key in row for row in payload["rows"]), key
+    assert "| " in result.stdout  # the table
+    if script == "decode.py":
+        assert all(row["outputs_match"] for row in payload["rows"] if "outputs_match" in row)
+
+
+def test_baseline_comparison_flags_a_slowdown_over_10_percent(tmp_path, capsys):
+    baseline = tmp_path / "baseline.json"
+    machine = {"commit": "abc", "load_average": [0.1, 0.1, 0.1]}
+    rows = [{"name": "a", "ms": 10.0}, {"name": "b", "ms": 10.0}]
+    baseline.write_text(json.dumps({"machine": machine, "rows": rows}))
+    assert common.compare_with_baseline(
+        [{"name": "a", "ms": 10.5}, {"name": "b", "ms": 9.0}], str(baseline), "ms", False
+    )
+    assert not common.compare_with_baseline([{"name": "a", "ms": 11.5}], str(baseline), "ms", False)
+    assert "SLOWER" in capsys.readouterr().out
+    # throughput metrics: higher is better
+    rows = [{"name": "t", "steps": 100.0}]
+    baseline.write_text(json.dumps({"machine": machine, "rows": rows}))
+    assert not common.compare_with_baseline([{"name": "t", "steps": 85.0}], str(baseline), "steps", True)
+    assert common.compare_with_baseline([{"name": "t", "steps": 95.0}], str(baseline), "steps", True)
+
+
+def test_flop_count_of_the_reference_model():
+    """Known answer for N=3, obs 100, 10 actions, E=64: forward 163,456 FLOPs per token."""
+    shape = common.ModelShape(n_agents=3, obs_dim=100, action_width=10, discrete=True)
+    parts = common.forward_flops_per_token(shape)
+    assert parts["obs_embed"] == 2 * 100 * 64
+    assert parts["encoder"] == 6 * 2 * 64 * 64 + 4 * 3 * 64
+    assert parts["decoder"] == 10 * 2 * 64 * 64 + 2 * 4 * 2 * 64
+    assert sum(parts.values()) == 163_456
+    assert common.train_flops_per_token(shape) == 3 * 163_456 - 2 * 100 * 64
+
+
+def test_before_after_script_runs_against_head(tmp_path):
+    out = tmp_path / "ab.json"
+    result = run_script("ab_act.py", "--before", "HEAD", "--json", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(row["max_log_prob_diff"] < 1e-5 for row in rows)
