@@ -36,6 +36,7 @@ def synthetic_batch(samples: int, N: int, device: torch.device) -> RolloutBatch:
     actions = torch.multinomial(mask.reshape(-1, ACTIONS).float(), 1, generator=g).reshape(samples, N)
     batch = RolloutBatch(
         obs=torch.randn(samples, N, OBS_DIM, generator=g),
+        state=torch.randn(samples, OBS_DIM, generator=g),  # not read by MAT
         action_mask=mask,
         alive=torch.rand(samples, N, generator=g) > 0.05,
         actions=actions,

@@ -169,8 +169,9 @@ def train(config: TrainConfig) -> TrainResult:
     best_key = "eval/win_rate" if spec.has_win else "eval/episodic_return"
 
     def save_if_best(step: int, iteration: int) -> None:
-        previous = [summary[best_key] for _, summary in evaluations[:-1]]
-        if not previous or evaluations[-1][1][best_key] > max(previous):
+        # .get: an evaluation with no finished episode (or bench/train.py's no-op) has no score.
+        previous = [summary.get(best_key, -math.inf) for _, summary in evaluations[:-1]]
+        if not previous or evaluations[-1][1].get(best_key, -math.inf) > max(previous):
             save(step, iteration, best=True)
 
     evaluations: list[tuple[int, dict[str, float]]] = [(0, run_evaluation(0))]
