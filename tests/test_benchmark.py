@@ -124,9 +124,9 @@ def test_run_states_from_the_run_directory(tmp_path):
     assert run.state() == "fresh"  # started, but nothing to continue from
     (run.run_dir / "checkpoints").mkdir()
     (run.run_dir / "checkpoints" / "step_000000000040.pt").write_bytes(b"")
-    assert run.state() == "resume"
+    assert run.state() == ("resume" if TRAIN_CAN_RESUME else "fresh")  # restarted until train can resume
     (run.run_dir / "result.json").write_text('{"env": ')  # a writer killed half-way
-    assert run.state() == "resume"
+    assert run.state() == ("resume" if TRAIN_CAN_RESUME else "fresh")  # restarted until train can resume
     (run.run_dir / "result.json").write_text("{}")
     assert run.state() == "evaluate"
     (run.run_dir / "absolute.json").write_text("{}")
