@@ -1,12 +1,18 @@
-"""Checkpoints: everything needed to evaluate or continue a run, written atomically.
+"""Checkpoints: everything needed to evaluate or continue a run, written atomically and verified.
 
 A checkpoint is a plain dict of tensors and primitives, so it loads with torch.load(weights_only=True):
-no code from a checkpoint file is ever executed.
+no code from a checkpoint file is ever executed. Each file `X.pt` has a sidecar `X.pt.sha256` holding
+the SHA-256 of its bytes, written after the file itself; a file whose bytes do not match (truncated,
+corrupted, or written by a process killed before its sidecar) is never loaded silently: from a run
+directory the newest *verified* checkpoint is used, with a warning naming the ones skipped.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +21,35 @@ import torch
 from seqmarl.errors import UserError
 
 
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Temporary file + fsync + rename: a crash leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(
+            f"could not write checkpoint {path}: {e.strerror or e} (the previous checkpoints are intact)"
+        ) from None
+
+
 def atomic_save(payload: dict[str, Any], path: Path) -> Path:
-    """torch.save via a temporary file + fsync + rename: a crash leaves the old file or the new one."""
+    """Serialise `payload` to `path` atomically, then its checksum to `path`.sha256 (also atomically)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".pt.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+    _write_atomically(path, data)
+    _write_atomically(_sidecar(path), hashlib.sha256(data).hexdigest().encode())
     return path
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
 
 
 def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep: int) -> Path:
@@ -32,6 +57,7 @@ def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep: i
     path = atomic_save(payload, directory / f"step_{step:012d}.pt")
     for old in sorted(directory.glob("step_*.pt"))[:-keep]:
         old.unlink()
+        _sidecar(old).unlink(missing_ok=True)
     return path
 
 
@@ -40,19 +66,43 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file, or the newest one of a run directory."""
-    path = Path(path)
-    if path.is_dir():
-        found = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
-        if found is None:
-            raise UserError(f"no checkpoint found in {path}")
-        path = found
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
+def verify(path: Path) -> str | None:
+    """None if `path` matches its recorded checksum, else why not."""
+    sidecar = _sidecar(path)
+    if not sidecar.is_file():
+        return "no checksum file (the writer was interrupted?)"
+    expected = sidecar.read_text().strip()
+    if hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+        return "checksum mismatch (truncated or corrupted)"
+    return None
+
+
+def _load(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise UserError(
             f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}"
         ) from None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file (verified), or the newest verified one of a run directory."""
+    path = Path(path)
+    if path.is_dir():
+        folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        candidates = sorted(folder.glob("step_*.pt"), reverse=True)
+        if not candidates:
+            raise UserError(f"no checkpoint found in {path}")
+        for candidate in candidates:
+            problem = verify(candidate)
+            if problem is None:
+                return _load(candidate)
+            print(f"seqmarl: warning: skipping checkpoint {candidate}: {problem}", file=sys.stderr)
+        raise UserError(f"no intact checkpoint in {path} ({len(candidates)} found, none verified)")
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    problem = verify(path)
+    if problem is not None:
+        raise UserError(f"checkpoint {path} cannot be trusted: {problem}")
+    return _load(path)
