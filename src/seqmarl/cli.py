@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from seqmarl.errors import UserError
+from seqmarl.errors import TrainingFault, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"seqmarl: error: {e}", file=sys.stderr)
         return 2
+    except TrainingFault as e:
+        print(f"seqmarl: training stopped: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("seqmarl: interrupted", file=sys.stderr)
         return 130

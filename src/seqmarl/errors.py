@@ -13,3 +13,8 @@ class MissingExtraError(UserError):
         super().__init__(
             f"{simulator} is not installed{detail}; install it with: pip install 'seqmarl[{extra}]'"
         )
+
+
+class TrainingFault(Exception):
+    """The run cannot go on (a NaN/inf in observations, losses or gradients): the CLI prints the diagnosis
+    as one line and exits with code 3; checkpoints already on disk are left as they are."""

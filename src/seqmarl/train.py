@@ -28,7 +28,7 @@ from seqmarl.buffer import RolloutBuffer
 from seqmarl.checkpoint import atomic_save, save_checkpoint
 from seqmarl.config import TrainConfig
 from seqmarl.envs.registry import make_vector_env
-from seqmarl.errors import UserError
+from seqmarl.errors import TrainingFault, UserError
 from seqmarl.evaluate import evaluate
 from seqmarl.logger import Logger
 from seqmarl.rollout import collect
@@ -108,6 +108,17 @@ def learning_rate(ppo_lr: float, schedule: str, iteration: int, num_iterations: 
 
 def _due(step: int, previous_step: int, every: int) -> bool:
     return every > 0 and step // every > previous_step // every
+
+
+def check_finite(values: dict[str, Any], step: int, checkpoint_dir: Path) -> None:
+    """Stop with a diagnosis at the first NaN/inf (one sync per iteration). Nothing is saved after it, so
+    the newest checkpoint on disk is the last good state."""
+    for name, value in values.items():
+        finite = bool(torch.isfinite(value).all()) if torch.is_tensor(value) else math.isfinite(value)
+        if not finite:
+            newest = sorted(checkpoint_dir.glob("step_*.pt"))
+            last = f"last good checkpoint: {newest[-1]}" if newest else "no checkpoint was written yet"
+            raise TrainingFault(f"non-finite {name} in the iteration starting at env step {step:,}; {last}")
 
 
 @dataclass
@@ -196,8 +207,10 @@ def train(config: TrainConfig) -> TrainResult:
             lr = learning_rate(config.ppo.lr, config.ppo.lr_schedule, iteration, num_iterations)
             algorithm.begin_iteration(generator, step)
             record, hidden, episodes = collect(envs, algorithm, buffer, record, hidden, device)
+            check_finite({"observations": buffer.obs, "rewards": buffer.rewards}, step, checkpoint_dir)
             # 2. learn: advantages + PPO update (on-policy), or store + replayed updates (off-policy)
             metrics = algorithm.learn(buffer, record, lr, generator)
+            check_finite(metrics, step, checkpoint_dir)  # losses and gradient norms
             previous_step, step = step, step + steps_per_iteration
             # 4. log, evaluate, save
             elapsed = time.perf_counter() - start
