@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 import seqmarl
-from seqmarl.benchmark import TRAIN_CAN_RESUME, plan_runs
+from seqmarl.benchmark import plan_runs
 from seqmarl.benchmark_spec import build_spec, parse_seeds
+from seqmarl.checkpoint import load_checkpoint
 from seqmarl.cli import main
 
 SPECS = Path(__file__).resolve().parents[1] / "bench" / "specs"
@@ -124,9 +125,9 @@ def test_run_states_from_the_run_directory(tmp_path):
     assert run.state() == "fresh"  # started, but nothing to continue from
     (run.run_dir / "checkpoints").mkdir()
     (run.run_dir / "checkpoints" / "step_000000000040.pt").write_bytes(b"")
-    assert run.state() == ("resume" if TRAIN_CAN_RESUME else "fresh")  # restarted until train can resume
+    assert run.state() == "resume"
     (run.run_dir / "result.json").write_text('{"env": ')  # a writer killed half-way
-    assert run.state() == ("resume" if TRAIN_CAN_RESUME else "fresh")  # restarted until train can resume
+    assert run.state() == "resume"
     (run.run_dir / "result.json").write_text("{}")
     assert run.state() == "evaluate"
     (run.run_dir / "absolute.json").write_text("{}")
@@ -188,11 +189,8 @@ def test_killed_benchmark_reruns_only_the_remaining_work(tmp_path):
     with open(out_dir / ".benchmark.lock") as lock:  # the orphaned workers hold it until they exit
         fcntl.flock(lock, fcntl.LOCK_EX)
         fcntl.flock(lock, fcntl.LOCK_UN)
-    partial = [r for r in runs if r.state() == "resume"]
-    if partial and not TRAIN_CAN_RESUME:
-        for r in partial:  # without `train --resume` (issue 6) the runner can only restart them
-            for checkpoint in (r.run_dir / "checkpoints").glob("*.pt"):
-                checkpoint.unlink()
+    partial = {r.run_dir: r for r in runs if r.state() == "resume"}
+    resumed_from = {d: load_checkpoint(d)["step"] for d in partial}
     out = _finish(_benchmark(spec, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     for r in finished:
         assert f"skip {r.label} (finished)" in out
@@ -228,8 +226,11 @@ def test_killed_benchmark_reruns_only_the_remaining_work(tmp_path):
     out = _finish(_benchmark(spec, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     assert out.count("(finished)") == len(runs) and " start " not in out
     assert before == {r.run_dir: (r.run_dir / "result.json").stat().st_mtime_ns for r in runs}
-    for r in partial:  # continued where a killed worker left it, where `train --resume` exists
-        assert ("train --resume" in (r.run_dir / "stdout.log").read_text()) == TRAIN_CAN_RESUME
+    for run_dir, step in resumed_from.items():  # continued where the killed worker left it
+        log = (run_dir / "stdout.log").read_text()
+        assert "train --resume" in log and f"from its checkpoint at step {step:,}" in log, log
+        steps = [int(line.split(",")[0]) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
+        assert steps == sorted(set(steps))  # every logged step once: nothing redone twice, nothing lost
 
 
 @pytest.mark.slow
@@ -249,11 +250,10 @@ def test_sigterm_is_forwarded_and_the_same_command_resumes(tmp_path):
     assert process.returncode == 130, err
     assert "to resume, run the same command again" in err and "Traceback" not in err
     assert "interrupted: checkpoint for step" in (run.run_dir / "stdout.log").read_text()
-    assert run.state() == ("resume" if TRAIN_CAN_RESUME else "fresh")
+    assert run.state() == "resume"
 
-    # The same command finishes the run: resumed from its checkpoint once `train --resume` exists,
-    # restarted from scratch until then (benchmark.TRAIN_CAN_RESUME).
+    # The same command finishes the run, continuing from its checkpoint.
     out = _finish(_benchmark(spec, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    assert f"start {run.label} ({'resume' if TRAIN_CAN_RESUME else 'fresh'})" in out, out
+    assert f"start {run.label} (resume)" in out, out
     assert run.state() == "finished"
     assert json.loads((run.run_dir / "result.json").read_text())["steps"] == 400

@@ -8,8 +8,8 @@ directory and does only what is missing:
 
     result.json + absolute.json   -> skipped
     result.json only              -> absolute evaluation only
-    a checkpoint, no result.json  -> `seqmarl train --resume RUN_DIR` once train can resume
-                                     (TRAIN_CAN_RESUME; until then: started afresh)
+    a checkpoint, no result.json  -> `seqmarl train --resume RUN_DIR`: continues exactly where the
+                                     newest intact checkpoint left it
     anything else                 -> the partial directory is deleted and the run starts afresh
 
 Workers are `python -m seqmarl.cli` subprocesses, started in their own session (so a Ctrl-C at the
@@ -61,15 +61,9 @@ class Run:
         """finished | evaluate (trained, no absolute.json) | resume | fresh."""
         if _valid_json(self.run_dir / "result.json"):
             return "finished" if _valid_json(self.run_dir / "absolute.json") else "evaluate"
-        if TRAIN_CAN_RESUME and any((self.run_dir / "checkpoints").glob("step_*.pt")):
+        if any((self.run_dir / "checkpoints").glob("step_*.pt")):
             return "resume"
         return "fresh"
-
-
-# `seqmarl train --resume RUN_DIR` is the reliability issue's work and does not exist yet: until it
-# does, an interrupted run is restarted from scratch (its partial directory deleted); finished runs are
-# still skipped. Flip this when train can resume.
-TRAIN_CAN_RESUME = False
 
 
 def _valid_json(path: Path) -> bool:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import random
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from seqmarl.errors import UserError
@@ -106,3 +108,42 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if problem is not None:
         raise UserError(f"checkpoint {path} cannot be trusted: {problem}")
     return _load(path)
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every global random state a run draws from (python, numpy, torch CPU and CUDA), as plain values
+    and tensors so that it loads with weights_only=True. Part of every checkpoint (exact resume)."""
+    version, internal, gauss = random.getstate()
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["name"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -30,9 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="train an algorithm on a task")
-    train.add_argument("--algo", default="mat", help="algorithm: mat, mat_dec, mappo, ippo, happo")
+    train.add_argument("--algo", help="algorithm: mat (default), mat_dec, mappo, ippo, happo")
+    train.add_argument("--env", help="task, FAMILY:TASK (default smax:3m; e.g. mamujoco:HalfCheetah-6x1)")
     train.add_argument(
-        "--env", default="smax:3m", help="task, FAMILY:TASK (smax:3m, mamujoco:HalfCheetah-6x1)"
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue this run from its newest checkpoint, with its own config "
+        "(only --steps, --device, --no-progress may be added)",
     )
     train.add_argument("--steps", type=float, help="env steps to train for (overrides the preset)")
     train.add_argument("--seed", type=int, help="random seed")
@@ -144,6 +149,8 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     from seqmarl.config import load_yaml, merge, parse_assignment, preset_for
     from seqmarl.envs.registry import split_env_name
 
+    args.algo = args.algo or "mat"
+    args.env = args.env or "smax:3m"
     split_env_name(args.env)  # fail on a bad env name before anything else happens
     overrides: dict[str, Any] = {} if args.no_preset else preset_for(args.env, args.algo)
     for path in args.config:
@@ -172,10 +179,45 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from seqmarl.algos import algorithm_names
-    from seqmarl.config import build_config
+    from seqmarl.config import build_config, config_from_dict
     from seqmarl.plot import plot_runs
-    from seqmarl.train import describe_result, train
+    from seqmarl.train import describe_result, resume, train
 
+    if args.resume is not None:
+        given = [
+            flag
+            for flag, value in [
+                ("--algo", args.algo),
+                ("--env", args.env),
+                ("--seed", args.seed),
+                ("--num-envs", args.num_envs),
+                ("--out-dir", args.out_dir),
+                ("--run-name", args.run_name),
+                ("--config", args.config),
+                ("--set", args.set),
+                ("--no-preset", args.no_preset or None),
+            ]
+            if value not in (None, [])
+        ]
+        if given:
+            raise UserError(
+                f"--resume continues a run with the config it started with; {', '.join(given)} cannot be "
+                "combined with it (allowed: --steps, --device, --no-progress)"
+            )
+        if args.steps is not None and args.steps < 1:
+            raise UserError(f"--steps must be >= 1, got {args.steps:g}")
+        result = resume(
+            args.resume,
+            total_steps=None if args.steps is None else int(args.steps),
+            device=args.device,
+            progress=False if args.no_progress else None,
+        )
+        config = config_from_dict(_saved_config(result.run_dir))
+        curve = plot_runs([result.run_dir], result.run_dir / args.plot)
+        print(describe_result(config, result))
+        print(f"learning curve: {curve}")
+        return
+    args.algo = args.algo or "mat"
     if args.algo not in algorithm_names():
         raise UserError(f"unknown algorithm {args.algo!r}; available: {', '.join(algorithm_names())}")
     config = build_config(_train_overrides(args))
@@ -183,6 +225,12 @@ def _cmd_train(args: argparse.Namespace) -> None:
     curve = plot_runs([result.run_dir], result.run_dir / args.plot)
     print(describe_result(config, result))
     print(f"learning curve: {curve}")
+
+
+def _saved_config(run_dir: Path) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text())
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import time
 from pathlib import Path
 
@@ -26,20 +27,35 @@ METRICS: tuple[str, ...] = (
 )
 
 
+HEADER: tuple[str, ...] = ("step", "wall_time", *METRICS)
+
+
 class Logger:
-    def __init__(self, run_dir: Path, tensorboard: bool):
+    """`resume_step`: continue a run from its checkpoint at that step. Rows logged after it (by the
+    process that was stopped) are dropped from the CSV, and TensorBoard purges its events after it, so
+    the resumed run rewrites them once: nothing duplicated, nothing lost. `elapsed` is the run's
+    training time before the restart, so wall_time carries on from it."""
+
+    def __init__(
+        self, run_dir: Path, tensorboard: bool, resume_step: int | None = None, elapsed: float = 0.0
+    ):
         self.path = run_dir / "metrics.csv"
-        self.start = time.time()
+        self.start = time.time() - elapsed
+        if resume_step is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            _keep_rows_up_to(self.path, resume_step)
         new_file = not self.path.exists()
         self._file = open(self.path, "a", newline="")
         self._csv = csv.writer(self._file)
         if new_file:
-            self._csv.writerow(["step", "wall_time", *METRICS])
+            self._csv.writerow(HEADER)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tb"))
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         unknown = set(metrics) - set(METRICS)
@@ -57,6 +73,28 @@ class Logger:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _keep_rows_up_to(path: Path, last_step: int) -> None:
+    """Rewrite metrics.csv (atomically) with its complete rows of step <= last_step. A row cut short by a
+    killed process has fewer cells or no line end, and is dropped like the later ones."""
+    if not path.exists():
+        return
+    kept = []
+    with open(path, newline="") as f:
+        lines = f.read().split("\n")
+    for line in lines[1:-1]:  # after the header; the last piece follows the final line end
+        cells = next(csv.reader([line]))
+        if len(cells) == len(HEADER) and int(cells[0]) <= last_step:
+            kept.append(cells)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(HEADER)
+        writer.writerows(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

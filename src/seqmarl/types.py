@@ -87,6 +87,10 @@ class StepRecord:
     def done(self) -> torch.Tensor:  # (E,) bool
         return self.terminated | self.truncated
 
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        """Field name -> tensor (checkpoints store the record the next rollout starts from)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
 
 def step_record_layout(spec: EnvSpec, num_envs: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The shape and dtype every StepRecord field must have for `num_envs` copies of `spec`."""

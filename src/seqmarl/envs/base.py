@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -25,6 +25,15 @@ class VectorEnv(Protocol):
         actions: (E, N) int64 for discrete spaces, (E, N, A) float32 for continuous ones (the adapter
         clips to the bounds). May live on any device; the returned record is on the CPU.
         """
+        ...
+
+    def get_state(self) -> dict[str, Any]:
+        """The simulators' full state (every env's physics or battle state, PRNG keys, running episode
+        bookkeeping) as a dict of tensors and plain values, for checkpoints (exact resume)."""
+        ...
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continue exactly from `get_state()`'s output, taken from a vector of the same task and size."""
         ...
 
     def close(self) -> None: ...

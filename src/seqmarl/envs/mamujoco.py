@@ -200,6 +200,54 @@ class MaMujocoVectorEnv:
             episode_length=episode_length,
         )
 
+    def get_state(self) -> dict[str, Any]:
+        """Everything the vector needs to continue exactly (for checkpoints): the episode bookkeeping
+        and, per simulator, its step counter and a copy of every array of its `MjData`.
+
+        Copying all of MjData rather than only the integration state (`mj_getState`) matters: the
+        gymnasium tasks read derived quantities (body positions, contact forces) computed by the
+        previous `mj_step` *before* the next one, and those lag the integration state by a substep,
+        so recomputing them with `mj_forward` would change the first reward after a restore.
+        """
+        simulators = []
+        for env in self._envs:
+            limit = env.single_agent_env  # gymnasium's TimeLimit wrapper: it counts the episode's steps
+            data = limit.unwrapped.data
+            arrays = {name: torch.from_numpy(getattr(data, name).copy()) for name in _mjdata_arrays(data)}
+            simulators.append({"elapsed_steps": int(limit._elapsed_steps), "data": arrays})
+        return {
+            "simulator": "mamujoco",
+            "task": self.spec.name,
+            "num_envs": self.num_envs,
+            "seed": self._seed,
+            "episode_index": list(self._episode_index),
+            "running_return": torch.from_numpy(self._running_return.copy()),
+            "running_length": torch.from_numpy(self._running_length.copy()),
+            "simulators": simulators,
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continue from `get_state()`'s output (of a vector with the same task and number of envs)."""
+        if state.get("task") != self.spec.name or state.get("num_envs") != self.num_envs:
+            raise UserError(
+                f"saved simulator state does not fit {self.spec.name} with {self.num_envs} envs "
+                f"(it is for {state.get('task')} with {state.get('num_envs')} envs)"
+            )
+        self._seed = int(state["seed"])
+        self._episode_index = [int(k) for k in state["episode_index"]]
+        self._running_return = state["running_return"].numpy().copy()
+        self._running_length = state["running_length"].numpy().copy()
+        for env, saved in zip(self._envs, state["simulators"]):
+            limit = env.single_agent_env
+            data = limit.unwrapped.data
+            for name, value in saved["data"].items():
+                target = getattr(data, name)
+                # A shape that differs marks one of the per-step arrays sized by the last step's active
+                # constraints or islands (efc_*, iefc_*, iacc, ...), rebuilt at the start of every step.
+                if target.shape == tuple(value.shape):
+                    target[...] = value.numpy()
+            limit._elapsed_steps = int(saved["elapsed_steps"])
+
     def close(self) -> None:
         for env in self._envs:
             env.close()
@@ -247,6 +295,21 @@ class MaMujocoVectorEnv:
             final_alive=alive.clone(),
             won=torch.zeros(E, dtype=torch.bool),
         )
+
+
+def _mjdata_arrays(data: Any) -> list[str]:
+    """Names of MjData's numpy array fields (positions, velocities, warm start, derived quantities)."""
+    names = []
+    for name in dir(data):
+        if name.startswith("_"):
+            continue
+        try:
+            value = getattr(data, name)
+        except Exception:  # some fields raise when the model lacks the feature
+            continue
+        if isinstance(value, np.ndarray):
+            names.append(name)
+    return names
 
 
 def make_vector_env(task: str, num_envs: int, seed: int) -> MaMujocoVectorEnv:

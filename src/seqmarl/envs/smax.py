@@ -18,6 +18,7 @@ unless the battle was decided on that same step. A win is "all enemies dead and 
 
 from __future__ import annotations
 
+import functools
 import io
 import sys
 from collections.abc import Callable
@@ -174,6 +175,16 @@ def _to_record(arrays: dict[str, Any]) -> StepRecord:
     return StepRecord(**tensors)
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled_functions(task: str, num_envs: int, max_steps: int | None) -> tuple[Callable, Callable]:
+    """The jitted reset and step for one (map, E, limit), made once per process: compiling costs 5-15 s,
+    and a run builds its vector again on resume or after a simulator restart (seqmarl/envs/guard.py)."""
+    import jax
+
+    reset, step = build_functions(_make_smax(task, max_steps), num_envs)
+    return jax.jit(reset), jax.jit(step)
+
+
 class SmaxVectorEnv:
     """E copies of one SMAX map. The constructor already resets with `seed`, so `step` works at once.
 
@@ -201,9 +212,7 @@ class SmaxVectorEnv:
             max_episode_steps=int(env.max_steps) + 1,  # see the module docstring
             has_win=True,
         )
-        reset, step = build_functions(env, num_envs)
-        self._reset = jax.jit(reset)
-        self._step = jax.jit(step)
+        self._reset, self._step = _compiled_functions(task, num_envs, max_steps)
         self._carry: Carry | None = None
         self.reset(seed)
 
@@ -222,6 +231,47 @@ class SmaxVectorEnv:
         numpy_actions = actions.detach().cpu().numpy().astype(np.int32)
         self._carry, arrays = self._step(self._carry, numpy_actions)
         return _to_record(arrays)
+
+    def get_state(self) -> dict[str, Any]:
+        """Everything the vector needs to continue exactly: the carry's leaves (PRNG key, every env's
+        battle state, the running episodes' return and length), as raw bytes with dtype and shape so
+        that a checkpoint holds plain tensors only (jax's uint32 keys have no portable torch dtype)."""
+        if self._carry is None:
+            raise RuntimeError("get_state() after close()")
+        leaves = []
+        for leaf in self._jax.tree.leaves(self._carry):
+            array = np.ascontiguousarray(np.asarray(leaf))
+            raw = torch.from_numpy(array.reshape(-1).view(np.uint8).copy())
+            leaves.append({"dtype": array.dtype.str, "shape": list(array.shape), "bytes": raw})
+        return {"simulator": "smax", "task": self.spec.name, "num_envs": self.num_envs, "leaves": leaves}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continue from `get_state()`'s output (of a vector with the same map and number of envs)."""
+        if self._carry is None:
+            raise RuntimeError("set_state() after close(); call reset() first")
+        template = self._jax.tree.leaves(self._carry)
+        fits = (
+            state.get("task") == self.spec.name
+            and state.get("num_envs") == self.num_envs
+            and len(state.get("leaves", [])) == len(template)
+        )
+        if not fits:
+            raise UserError(
+                f"saved simulator state does not fit {self.spec.name} with {self.num_envs} envs "
+                f"(it is for {state.get('task')} with {state.get('num_envs')} envs)"
+            )
+        leaves = []
+        for saved, current in zip(state["leaves"], template):
+            array = np.frombuffer(saved["bytes"].numpy().tobytes(), dtype=np.dtype(saved["dtype"]))
+            array = array.reshape(saved["shape"])
+            if array.shape != current.shape or array.dtype != current.dtype:
+                raise UserError(
+                    f"saved SMAX state leaf {array.dtype}{array.shape} != {current.dtype}{current.shape}"
+                )
+            # jnp.asarray of a numpy array has a strong dtype, like the carry the jitted step was compiled
+            # for, so restoring never triggers a recompile (checked by the adapter's tests).
+            leaves.append(self._jax.numpy.asarray(array))
+        self._carry = self._jax.tree.unflatten(self._jax.tree.structure(self._carry), leaves)
 
     def close(self) -> None:
         self._carry = None
