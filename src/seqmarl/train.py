@@ -207,7 +207,7 @@ def train(config: TrainConfig) -> TrainResult:
             lr = learning_rate(config.ppo.lr, config.ppo.lr_schedule, iteration, num_iterations)
             algorithm.begin_iteration(generator, step)
             record, hidden, episodes = collect(envs, algorithm, buffer, record, hidden, device)
-            check_finite({"observations": buffer.obs, "rewards": buffer.rewards}, step, checkpoint_dir)
+            # (observations and rewards were checked at every step by the env guard, envs/guard.py)
             # 2. learn: advantages + PPO update (on-policy), or store + replayed updates (off-policy)
             metrics = algorithm.learn(buffer, record, lr, generator)
             check_finite(metrics, step, checkpoint_dir)  # losses and gradient norms
