@@ -39,6 +39,7 @@ from seqmarl.types import EnvSpec, StepRecord, step_record_layout
 
 MAX_RESTARTS = 3  # failures in a row (without a successful step) that are restarted; one more stops the run
 NOT_RESTARTED = (UserError, TrainingFault)  # our own verdicts, not simulator failures
+FINITE_FIELDS = ("obs", "state", "reward", "final_obs", "final_state")  # what a simulator computes
 
 
 def restart_seed(seed: int, restart: int) -> int:
@@ -188,19 +189,20 @@ class GuardedVectorEnv:
                     f"{self.spec.name} returned {name} of shape {tuple(value.shape)} and dtype "
                     f"{value.dtype}; expected {shape} and {dtype}"
                 )
-        # One fused check: a sum is finite exactly when every term is (or it overflowed: re-checked below).
-        total = record.obs.sum() + record.state.sum() + record.reward.sum()
-        total = total + record.final_obs.sum() + record.final_state.sum()
-        ok = torch.isfinite(total)
-        if self.spec.discrete:
-            ok = ok & (record.action_mask.any(-1) | ~record.alive).all()
-        if not bool(ok):
+        # One fused check: a sum is finite exactly when every term is (or it overflowed: _diagnose looks
+        # again). numpy, on the records' CPU memory without a copy: a third of the cost of torch's small-op
+        # dispatch at these sizes (~20 us a step in all for smax:3m with E = 8, against ~0.7 ms for the step).
+        total = sum(getattr(record, name).numpy().sum() for name in FINITE_FIELDS)
+        ok = bool(np.isfinite(total))
+        if ok and self.spec.discrete:  # every alive agent has an action: any(mask) >= alive, per agent
+            ok = bool((record.action_mask.numpy().any(-1) >= record.alive.numpy()).all())
+        if not ok:
             self._diagnose(record)
         return record
 
     def _diagnose(self, record: StepRecord) -> None:
         where = f"at env step {self._steps * self.num_envs:,}"
-        for name in ("obs", "state", "reward", "final_obs", "final_state"):
+        for name in FINITE_FIELDS:
             bad = ~torch.isfinite(getattr(record, name))
             if bool(bad.any()):
                 index = bad.nonzero()[0].tolist()
