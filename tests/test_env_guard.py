@@ -37,9 +37,10 @@ class Faults:
     applied to every record from step call `edit_from` on (0: the reset records too).
     """
 
-    def __init__(self, fail_at=(), always=False, edit=None, edit_from=1):
+    def __init__(self, fail_at=(), always=False, edit=None, edit_from=1, fail_resets=()):
         self.fail_at, self.always, self.edit, self.edit_from = set(fail_at), always, edit, edit_from
-        self.calls = 0
+        self.fail_resets = set(fail_resets)  # reset calls (1-based) that raise
+        self.calls = self.resets = 0
 
     def apply(self, record: StepRecord) -> StepRecord:
         return self.edit(record) if self.edit is not None and self.calls >= self.edit_from else record
@@ -53,6 +54,9 @@ class FaultInjector:
         self.spec, self.num_envs = envs.spec, envs.num_envs
 
     def reset(self, seed):
+        self.faults.resets += 1
+        if self.faults.resets in self.faults.fail_resets:
+            raise RuntimeError(f"injected simulator failure at reset call {self.faults.resets}")
         return self.faults.apply(self.envs.reset(seed))
 
     def step(self, actions):
@@ -97,7 +101,7 @@ def test_a_failed_step_restarts_the_simulator_and_discards_its_episodes(smax, ca
 
     (warning,) = warnings(capsys.readouterr().err)
     assert "smax:3m raised RuntimeError: injected simulator failure at step call 4" in warning
-    assert "(restart 1)" in warning and guard.restarts == 1
+    assert "(restart 1); its 2 running episodes are discarded" in warning and guard.restarts == 1
     assert record.discarded.all() and record.truncated.all() and not record.terminated.any()
     assert not record.reward.any() and not record.won.any()
     # bootstrap from the observation the failed actions were taken at; obs starts the new episodes
@@ -124,6 +128,14 @@ def test_evaluation_replays_a_discarded_episode(smax, capsys):
     stats = evaluate(guard, algorithm, episodes=3, seed=0, device=CPU)
     assert len(stats.returns) == 3 and stats.discarded == 0  # three real episodes, none cut short
     assert len(warnings(capsys.readouterr().err)) == 1 and guard.restarts == 1
+
+
+def test_a_failed_reset_restarts_the_simulator_with_the_same_seed(smax, capsys):
+    guard = smax_guard(smax, Faults(fail_resets={2}))  # the guard's first reset works, the next raises
+    record = guard.reset(seed=3)
+    (warning,) = warnings(capsys.readouterr().err)
+    assert "failure at reset call 2; restarting it (restart 1)" in warning and "discarded" not in warning
+    assert not record.discarded.any() and torch.equal(record.obs, smax.reset(seed=3).obs)
 
 
 def test_persistent_failure_stops_with_a_training_fault(smax, capsys):

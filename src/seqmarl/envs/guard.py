@@ -89,10 +89,18 @@ class GuardedVectorEnv:
         self._action_shape = (self.num_envs, N) if self.spec.discrete else (self.num_envs, N, A)
         # The record the next actions are taken at; its obs/state/alive become final_* on a restart. The
         # adapters reset in their constructor; resetting again with the same seed gives the same record.
-        self._last = self._checked(self._inner.reset(seed))
+        self._last = self.reset(seed)
 
     def reset(self, seed: int) -> StepRecord:
-        self._last = self._checked(self._inner.reset(seed))
+        """Start E fresh episodes from `seed`; a simulator that raises here is rebuilt and reset with the
+        same seed (no episode was running, so nothing is discarded)."""
+        try:
+            record = self._inner.reset(seed)
+        except NOT_RESTARTED:
+            raise
+        except Exception as error:
+            record = self._restart(error, reset_seed=seed)
+        self._last = self._checked(record)
         return self._last
 
     def step(self, actions: torch.Tensor) -> StepRecord:
@@ -107,7 +115,7 @@ class GuardedVectorEnv:
         except NOT_RESTARTED:
             raise
         except Exception as error:
-            record = self._restart(error)
+            record = self._discard(self._restart(error))
         else:
             self._failures = 0
         self._last = self._checked(record)
@@ -132,8 +140,9 @@ class GuardedVectorEnv:
         self.restarts, self._steps, self._failures = state["restarts"], state["steps"], 0
         self._last = dataclasses.replace(self._last, **state["last"])
 
-    def _restart(self, error: Exception) -> StepRecord:
-        """Rebuild the simulator after `error` and return the record that discards its episodes."""
+    def _restart(self, error: Exception, reset_seed: int | None = None) -> StepRecord:
+        """Rebuild the simulator after `error`; return its first record after a reset with `reset_seed`
+        (default: the rebuild's own seed)."""
         while True:
             self._failures += 1
             if self._failures > self.max_restarts:
@@ -142,9 +151,10 @@ class GuardedVectorEnv:
                     f"successful step (last: {describe(error)}); giving up after {self.restarts} restarts"
                 )
             self.restarts += 1
+            lost = "" if reset_seed is not None else f"; its {self.num_envs} running episodes are discarded"
             print(
                 f"seqmarl: warning: simulator {self.spec.name} raised {describe(error)}; restarting it "
-                f"(restart {self.restarts}) and discarding its {self.num_envs} running episodes",
+                f"(restart {self.restarts}){lost}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -153,7 +163,7 @@ class GuardedVectorEnv:
             seed = restart_seed(self._seed, self.restarts)
             try:
                 self._inner = self._factory(seed)
-                fresh = self._inner.reset(seed)
+                fresh = self._inner.reset(seed if reset_seed is None else reset_seed)
             except NOT_RESTARTED:
                 raise
             except Exception as rebuild_error:  # counts as the next failure in a row
@@ -161,9 +171,10 @@ class GuardedVectorEnv:
                 continue
             if self._inner.spec != self.spec or self._inner.num_envs != self.num_envs:
                 raise EnvContractError(f"simulator {self.spec.name} came back from a restart changed")
-            return self._discard(self._checked(fresh))
+            return self._checked(fresh)
 
     def _discard(self, fresh: StepRecord) -> StepRecord:
+        """The record of a step whose simulator failed: every running episode ends here, not counted."""
         E = self.num_envs
         every = torch.ones(E, dtype=torch.bool)
         return dataclasses.replace(
