@@ -91,6 +91,11 @@ class GuardedVectorEnv:
         # adapters reset in their constructor; resetting again with the same seed gives the same record.
         self._last = self.reset(seed)
 
+    @property
+    def inner(self) -> VectorEnv:
+        """The adapter now inside (a new one after each restart)."""
+        return self._inner
+
     def reset(self, seed: int) -> StepRecord:
         """Start E fresh episodes from `seed`; a simulator that raises here is rebuilt and reset with the
         same seed (no episode was running, so nothing is discarded)."""
