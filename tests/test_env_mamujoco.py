@@ -10,6 +10,7 @@ import pytest
 import torch
 from gymnasium_robotics import mamujoco_v1
 
+from seqmarl.envs.guard import GuardedVectorEnv
 from seqmarl.envs.mamujoco import MaMujocoVectorEnv, make_vector_env, shared_action_bounds
 from seqmarl.envs.registry import make_vector_env as make_any_vector_env
 from seqmarl.errors import MissingExtraError, UserError
@@ -203,7 +204,8 @@ def test_missing_simulator_raises_missing_extra_error(monkeypatch: pytest.Monkey
 
 def test_registry_builds_the_adapter() -> None:
     env = make_any_vector_env(f"mamujoco:{CHEETAH}", num_envs=1, seed=0)
-    assert isinstance(env, MaMujocoVectorEnv) and env.spec.name == f"mamujoco:{CHEETAH}"
+    assert isinstance(env, GuardedVectorEnv) and isinstance(env.inner, MaMujocoVectorEnv)
+    assert env.spec.name == f"mamujoco:{CHEETAH}"
 
 
 def test_ant_spec_and_step() -> None:

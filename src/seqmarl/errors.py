@@ -16,5 +16,11 @@ class MissingExtraError(UserError):
 
 
 class TrainingFault(Exception):
-    """The run cannot go on (a NaN/inf in observations, losses or gradients): the CLI prints the diagnosis
-    as one line and exits with code 3; checkpoints already on disk are left as they are."""
+    """The run cannot go on (a NaN/inf in losses or gradients, a simulator that keeps failing): the CLI
+    prints the diagnosis as one line and exits with code 3; checkpoints already on disk are left as they
+    are."""
+
+
+class EnvContractError(TrainingFault):
+    """An env returned something the model cannot take (a wrong shape or dtype, a NaN/inf observation, an
+    alive agent with no available action); raised by the guard in seqmarl/envs/guard.py."""

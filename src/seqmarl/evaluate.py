@@ -37,7 +37,9 @@ def evaluate(
         )
         record = envs.step(out.actions)
         hidden = reset_finished(out.hidden, record.done)
-        for e in record.done.nonzero().flatten().tolist():
+        # An episode cut by a simulator restart (record.discarded) is not a result: that env simply
+        # plays one more, so the evaluation still returns `episodes` real episodes.
+        for e in record.finished.nonzero().flatten().tolist():
             if len(per_env[e]) < rounds:
                 per_env[e].append(
                     (float(record.episode_return[e]), int(record.episode_length[e]), bool(record.won[e]))

@@ -15,6 +15,7 @@ METRICS: tuple[str, ...] = (
     "charts/win_rate",
     "charts/learning_rate",
     "charts/SPS",
+    "charts/discarded_episodes",
     "eval/episodic_return",
     "eval/episodic_length",
     "eval/win_rate",

@@ -16,28 +16,30 @@ from seqmarl.types import StepRecord
 
 @dataclass
 class EpisodeStats:
-    """Episodes finished during a rollout (or an evaluation)."""
+    """Episodes finished during a rollout (or an evaluation). Episodes cut by a simulator restart
+    (StepRecord.discarded) are only counted, never averaged in: they did not end by themselves."""
 
     returns: list[float] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
     wins: list[bool] = field(default_factory=list)
+    discarded: int = 0  # episodes thrown away by simulator restarts
 
-    def add(self, record: StepRecord, only: torch.Tensor | None = None) -> None:
-        done = record.done if only is None else record.done & only
-        if not bool(done.any()):
+    def add(self, record: StepRecord) -> None:
+        if not bool(record.done.any()):  # one check on the common path
             return
-        self.returns += record.episode_return[done].tolist()
-        self.lengths += record.episode_length[done].tolist()
-        self.wins += record.won[done].tolist()
+        finished = record.finished
+        self.discarded += int(record.discarded.sum())
+        self.returns += record.episode_return[finished].tolist()
+        self.lengths += record.episode_length[finished].tolist()
+        self.wins += record.won[finished].tolist()
 
     def summary(self, prefix: str, has_win: bool) -> dict[str, float]:
+        out = {f"{prefix}/discarded_episodes": float(self.discarded)} if self.discarded else {}
         if not self.returns:
-            return {}
+            return out
         n = len(self.returns)
-        out = {
-            f"{prefix}/episodic_return": sum(self.returns) / n,
-            f"{prefix}/episodic_length": sum(self.lengths) / n,
-        }
+        out[f"{prefix}/episodic_return"] = sum(self.returns) / n
+        out[f"{prefix}/episodic_length"] = sum(self.lengths) / n
         if has_win:
             out[f"{prefix}/win_rate"] = sum(self.wins) / n
         return out

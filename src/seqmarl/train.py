@@ -126,15 +126,20 @@ def _due(step: int, previous_step: int, every: int) -> bool:
     return every > 0 and step // every > previous_step // every
 
 
+def last_good(checkpoint_dir: Path) -> str:
+    newest = latest_checkpoint(checkpoint_dir)
+    return f"last good checkpoint: {newest}" if newest else "no checkpoint was written yet"
+
+
 def check_finite(values: dict[str, Any], step: int, checkpoint_dir: Path) -> None:
-    """Stop with a diagnosis at the first NaN/inf (one sync per iteration). Nothing is saved after it, so
-    the newest checkpoint on disk is the last good state."""
+    """Stop with a diagnosis at the first NaN/inf in the learning numbers (losses, gradient norms; one
+    sync per iteration). Nothing is saved after it, so the newest checkpoint on disk is the last good
+    state. What the simulators return is checked at every step by the env guard (envs/guard.py)."""
     for name, value in values.items():
         finite = bool(torch.isfinite(value).all()) if torch.is_tensor(value) else math.isfinite(value)
         if not finite:
-            newest = sorted(checkpoint_dir.glob("step_*.pt"))
-            last = f"last good checkpoint: {newest[-1]}" if newest else "no checkpoint was written yet"
-            raise TrainingFault(f"non-finite {name} in the iteration starting at env step {step:,}; {last}")
+            where = f"in the iteration starting at env step {step:,}"
+            raise TrainingFault(f"non-finite {name} {where}; {last_good(checkpoint_dir)}")
 
 
 @dataclass
@@ -333,8 +338,10 @@ def _run(config: TrainConfig, run_dir: Path, checkpoint: dict[str, Any] | None) 
                 # 1. collect
                 lr = learning_rate(config.ppo.lr, config.ppo.lr_schedule, iteration, num_iterations)
                 algorithm.begin_iteration(generator, step)
-                record, hidden, episodes = collect(envs, algorithm, buffer, record, hidden, device)
-                check_finite({"observations": buffer.obs, "rewards": buffer.rewards}, step, checkpoint_dir)
+                try:  # the env guard (envs/guard.py) checks every record: shapes, NaN/inf, masks
+                    record, hidden, episodes = collect(envs, algorithm, buffer, record, hidden, device)
+                except TrainingFault as fault:
+                    raise TrainingFault(f"{fault}; {last_good(checkpoint_dir)}") from None
                 # 2. learn: advantages + PPO update (on-policy), or store + replayed updates (off-policy)
                 metrics = algorithm.learn(buffer, record, lr, generator)
                 check_finite(metrics, step, checkpoint_dir)  # losses and gradient norms

@@ -67,6 +67,11 @@ class StepRecord:
     observation of the finished episode is in `final_obs[e]` / `final_state[e]` / `final_alive[e]`
     (needed to bootstrap the value on truncation). For envs that did not finish, the final_* rows are
     copies of the current ones.
+
+    `discarded[e]` marks an episode cut short because env e's simulator failed and was restarted
+    (seqmarl/envs/guard.py): it comes with `truncated` (so GAE neither crosses it nor treats it as a
+    terminal state, and bootstraps from `final_obs`, the observation the failed actions were taken at),
+    zero reward, and it is no finished episode: consumers leave it out of episode statistics.
     """
 
     obs: torch.Tensor  # (E, N, O) float32
@@ -82,10 +87,15 @@ class StepRecord:
     episode_return: torch.Tensor  # (E,) float32; sum of rewards of the finished episode (valid where done)
     episode_length: torch.Tensor  # (E,) int64; steps of the finished episode (valid where done)
     won: torch.Tensor  # (E,) bool; the finished episode was won (battle tasks; False elsewhere)
+    discarded: torch.Tensor  # (E,) bool; the episode was cut by a simulator restart (also truncated)
 
     @property
     def done(self) -> torch.Tensor:  # (E,) bool
         return self.terminated | self.truncated
+
+    @property
+    def finished(self) -> torch.Tensor:  # (E,) bool; a real episode ended here (one to count)
+        return self.done & ~self.discarded
 
     def to_dict(self) -> dict[str, torch.Tensor]:
         """Field name -> tensor (checkpoints store the record the next rollout starts from)."""
@@ -109,6 +119,7 @@ def step_record_layout(spec: EnvSpec, num_envs: int) -> dict[str, tuple[tuple[in
         "episode_return": ((E,), torch.float32),
         "episode_length": ((E,), torch.int64),
         "won": ((E,), torch.bool),
+        "discarded": ((E,), torch.bool),
     }
 
 

@@ -10,13 +10,17 @@ from seqmarl.types import EnvSpec, StepRecord
 
 
 class VectorEnv(Protocol):
-    """E copies of one task, stepped together, resetting themselves when an episode ends."""
+    """E copies of one task, stepped together, resetting themselves when an episode ends.
+
+    Adapters implement this; registry.make_vector_env hands them out inside the guard (envs/guard.py),
+    which restarts a simulator that raises and checks every record against the spec.
+    """
 
     spec: EnvSpec
     num_envs: int  # E
 
     def reset(self, seed: int) -> StepRecord:
-        """Start E fresh episodes; reward, terminated and truncated are all zero/False."""
+        """Start E fresh episodes; reward, terminated, truncated and discarded are all zero/False."""
         ...
 
     def step(self, actions: torch.Tensor) -> StepRecord:

@@ -294,6 +294,7 @@ class MaMujocoVectorEnv:
             alive=alive,
             final_alive=alive.clone(),
             won=torch.zeros(E, dtype=torch.bool),
+            discarded=torch.zeros(E, dtype=torch.bool),  # only the guard discards (envs/guard.py)
         )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 from seqmarl.envs.base import VectorEnv
+from seqmarl.envs.guard import GuardedVectorEnv
 from seqmarl.errors import UserError
 
 # family -> module holding `make_vector_env(task: str, num_envs: int, seed: int) -> VectorEnv`
@@ -29,9 +30,16 @@ def split_env_name(name: str) -> tuple[str, str]:
     return family, task
 
 
-def make_vector_env(name: str, num_envs: int, seed: int) -> VectorEnv:
+def make_vector_env(name: str, num_envs: int, seed: int) -> GuardedVectorEnv:
+    """The adapter for `name`, inside the guard that restarts a failing simulator and checks every record
+    (seqmarl/envs/guard.py). Training, evaluation and benchmarks all get their envs here."""
     family, task = split_env_name(name)
     if num_envs < 1:
         raise UserError(f"num_envs must be >= 1, got {num_envs}")
     module = importlib.import_module(FAMILIES[family])
-    return module.make_vector_env(task, num_envs=num_envs, seed=seed)
+
+    def build(seed: int) -> VectorEnv:
+        # Looked up at every (re)build, so a restart goes through whatever the module exports then.
+        return module.make_vector_env(task, num_envs=num_envs, seed=seed)
+
+    return GuardedVectorEnv(build, seed)

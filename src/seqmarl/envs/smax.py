@@ -172,6 +172,8 @@ def _to_record(arrays: dict[str, Any]) -> StepRecord:
     tensors = {name: torch.from_dlpack(array) for name, array in arrays.items()}  # zero-copy views
     # jax keeps 32-bit integers unless x64 is switched on globally; StepRecord promises int64 (E values).
     tensors["episode_length"] = tensors["episode_length"].long()
+    # The adapter never discards an episode; only the guard does, when it restarts the simulator.
+    tensors["discarded"] = torch.zeros_like(tensors["won"])
     return StepRecord(**tensors)
 
 
