@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from seqmarl.runinfo import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 SLOWDOWN_LIMIT = 1.10  # a row more than 10% slower than its baseline is flagged
@@ -53,17 +54,6 @@ def setup(args: argparse.Namespace) -> torch.device:
     return torch.device(args.device)
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _git(*argv: str) -> str:
     try:
         return subprocess.run(
@@ -81,7 +71,7 @@ def machine(device: torch.device) -> dict[str, Any]:
     return {
         "commit": commit,
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "cpu": f"{_cpu_model()}, {os.cpu_count()} cores",
+        "cpu": f"{cpu_model()}, {os.cpu_count()} cores",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

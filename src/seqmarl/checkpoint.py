@@ -39,6 +39,11 @@ def _write_atomically(path: Path, data: bytes) -> None:
         ) from None
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """A run directory's small files (config.yaml, meta.json, result.json): whole or absent after a kill."""
+    _write_atomically(path, text.encode())
+
+
 def atomic_save(payload: dict[str, Any], path: Path) -> Path:
     """Serialise `payload` to `path` atomically, then its checksum to `path`.sha256 (also atomically)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -241,7 +241,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from seqmarl.config import config_from_dict
     from seqmarl.envs.registry import make_vector_env
     from seqmarl.evaluate import evaluate
-    from seqmarl.train import select_device
+    from seqmarl.runinfo import select_device
 
     if args.episodes < 1:
         raise UserError("--episodes must be >= 1")

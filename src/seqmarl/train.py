@@ -14,19 +14,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import platform
-import random
-import signal
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from tqdm import tqdm
@@ -40,69 +33,19 @@ from seqmarl.checkpoint import (
     load_checkpoint,
     restore_rng,
     save_checkpoint,
+    write_text_atomically,
 )
 from seqmarl.config import TrainConfig, config_from_dict
 from seqmarl.envs.registry import make_vector_env
 from seqmarl.errors import TrainingFault, UserError
 from seqmarl.evaluate import evaluate
+from seqmarl.interrupt import StopRequests
 from seqmarl.logger import Logger
 from seqmarl.rollout import collect
+from seqmarl.runinfo import machine_description, seed_everything, select_device
 from seqmarl.types import StepRecord
 
 EVAL_SEED_OFFSET = 1_000_003  # evaluation envs never share episode seeds with training envs
-
-
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but torch sees no CUDA GPU")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_description() -> dict[str, Any]:
-    """What produced a number: commit, machine, library versions (written into every run directory)."""
-    try:
-        root = Path(__file__).resolve().parents[2]
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-        commit = commit + ("-dirty" if dirty else "") if commit else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    return {
-        "commit": commit,
-        "host": platform.node(),
-        "machine": f"{_cpu_model()}, {os.cpu_count()} cpus",
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
 
 
 def make_run_dir(config: TrainConfig) -> Path:
@@ -149,37 +92,6 @@ class TrainResult:
     seconds: float
     final_eval: dict[str, float]
     best_eval: dict[str, float]  # the evaluation with the highest win rate (or return), with its step
-
-
-class StopRequests:
-    """Ctrl-C / SIGTERM while training: the first one lets the running iteration finish, writes a
-    checkpoint of that boundary (so a resume is exact) and stops; a second one stops at once (the newest
-    checkpoint on disk is then where a resume starts). Signal handlers exist only on the main thread;
-    elsewhere a KeyboardInterrupt is the immediate stop."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequests:
-        if threading.current_thread() is threading.main_thread():
-            for number in (signal.SIGINT, signal.SIGTERM):
-                self._previous[number] = signal.signal(number, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(
-            "seqmarl: stopping after the current iteration (a checkpoint follows); signal again to stop now",
-            file=sys.stderr,
-            flush=True,
-        )
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -243,13 +155,13 @@ def _run(config: TrainConfig, run_dir: Path, checkpoint: dict[str, Any] | None) 
     spec = envs.spec
     algorithm = make_algorithm(config.algo, spec, config, device)
 
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_text_atomically(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     meta = {**machine_description(), "env": spec.name, "algo": config.algo, "seed": run.seed}
     if checkpoint is not None:  # provenance of every segment of a resumed run
         previous = json.loads((run_dir / "meta.json").read_text())
         resumes = previous.get("resumes", []) + [{**meta, "from_step": checkpoint["step"]}]
         meta = {**{k: v for k, v in previous.items() if k != "resumes"}, "resumes": resumes}
-    (run_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+    write_text_atomically(run_dir / "meta.json", json.dumps(meta, indent=2))
 
     T, E = config.ppo.rollout_length, config.env.num_envs
     steps_per_iteration = T * E
@@ -392,7 +304,8 @@ def _run(config: TrainConfig, run_dir: Path, checkpoint: dict[str, Any] | None) 
     key = "eval/win_rate" if spec.has_win else "eval/episodic_return"
     best_step, best, _ = max(evaluations, key=lambda item: (item[1].get(key, -math.inf), -item[0]))
     result = TrainResult(run_dir, step, seconds, evaluations[-1][1], {**best, "step": best_step})
-    (run_dir / "result.json").write_text(
+    write_text_atomically(
+        run_dir / "result.json",
         json.dumps(
             {
                 **meta,
@@ -403,7 +316,7 @@ def _run(config: TrainConfig, run_dir: Path, checkpoint: dict[str, Any] | None) 
                 "evaluations": [{"step": s, **m, "episodes": e} for s, m, e in evaluations],
             },
             indent=2,
-        )
+        ),
     )
     return result
 
