@@ -215,7 +215,8 @@ def train(config: TrainConfig) -> TrainResult:
             # 4. log, evaluate, save
             elapsed = time.perf_counter() - start
             metrics.update(episodes.summary("charts", spec.has_win))
-            metrics["charts/learning_rate"] = lr
+            # An algorithm with its own constant rate (QMIX) reports the rate it used.
+            metrics.setdefault("charts/learning_rate", lr)
             metrics["charts/SPS"] = step / elapsed
             last = iteration == num_iterations - 1
             if last or _due(step, previous_step, run.eval_every):

@@ -65,8 +65,8 @@ class StepRecord:
     Environments reset themselves: when `terminated | truncated` is set for env e, `obs[e]`, `state[e]`,
     `action_mask[e]` and `alive[e]` already belong to the first step of the next episode, and the last
     observation of the finished episode is in `final_obs[e]` / `final_state[e]` / `final_alive[e]` /
-    `final_action_mask[e]` (needed to bootstrap the value on truncation). For envs that did not finish, the final_* rows are
-    copies of the current ones.
+    `final_action_mask[e]` (needed to bootstrap the value on truncation). For envs that did not finish,
+    the final_* rows are copies of the current ones.
     """
 
     obs: torch.Tensor  # (E, N, O) float32
