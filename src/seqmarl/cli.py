@@ -30,7 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="train an algorithm on a task")
-    train.add_argument("--algo", default="mat", help="algorithm: mat, mat_dec, mappo, ippo, happo")
+    train.add_argument(
+        "--algo",
+        default="mat",
+        help="algorithm: mat, mat_dec, mappo, ippo, happo, qmix (discrete actions only)",
+    )
     train.add_argument(
         "--env", default="smax:3m", help="task, FAMILY:TASK (smax:3m, mamujoco:HalfCheetah-6x1)"
     )

@@ -112,6 +112,18 @@ class EpisodeRows:
         return slot <= length, slot[:, :-1] < length  # (R, L + 1), (R, L)
 
 
+def episode_bytes(spec: EnvSpec) -> int:
+    """Memory of one padded episode in the ring (float32 obs/state/rewards, bool masks, int64 actions)."""
+    L, N, O, S, A = (
+        spec.max_episode_steps,
+        spec.n_agents,
+        spec.obs_dim,
+        spec.state_dim,
+        spec.action_space.mask_width,
+    )
+    return (L + 1) * (4 * (N * O + S) + N * A) + L * (8 * N + 4) + 9
+
+
 class EpisodeReplay:
     """A ring of `capacity` finished episodes, fed rollout by rollout, sampled as whole episodes."""
 

@@ -17,6 +17,7 @@ Shape legend: E envs, B episodes, L time steps, N agents, O obs, S state, A acti
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any, ClassVar
 
 import torch
@@ -25,8 +26,9 @@ import torch.nn.functional as F
 from seqmarl.algos.base import accumulate
 from seqmarl.buffer import RolloutBuffer
 from seqmarl.config import QMIXConfig
+from seqmarl.errors import UserError
 from seqmarl.nn.qmix import MASKED_Q, QMixer, RecurrentQAgent, agent_inputs
-from seqmarl.replay import EpisodeBatch, EpisodeReplay
+from seqmarl.replay import EpisodeBatch, EpisodeReplay, episode_bytes
 from seqmarl.types import ActOutput, EnvSpec, StepRecord
 
 UPDATE_CHUNK = 32  # episodes per forward/backward pass within one update (see QMIXAlgorithm.update)
@@ -59,6 +61,23 @@ def epsilon_at(step: int, config: QMIXConfig) -> float:
     return config.epsilon_start + fraction * (config.epsilon_finish - config.epsilon_start)
 
 
+def check_replay_fits(spec: EnvSpec, capacity: int, device: torch.device) -> None:
+    """Refuse (one line) a preallocated replay larger than half the machine's memory, before allocating."""
+    needed = capacity * episode_bytes(spec)
+    try:
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+        else:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no way to tell on this platform: let it try
+        return
+    if needed > total / 2:
+        raise UserError(
+            f"the qmix replay of {capacity} episodes of {spec.name} needs {needed / 1e9:.1f} GB, more than "
+            f"half of this machine's {total / 1e9:.1f} GB; lower qmix.buffer_size"
+        )
+
+
 class QMIXAlgorithm:
     name: ClassVar[str] = "qmix"
     supports_discrete: ClassVar[bool] = True
@@ -75,6 +94,7 @@ class QMIXAlgorithm:
         self.target_mixer = copy.deepcopy(self.mixer).requires_grad_(False)
         self.parameters = [*self.agent.parameters(), *self.mixer.parameters()]
         self.optimizer = torch.optim.Adam(self.parameters, lr=config.lr)
+        check_replay_fits(spec, config.buffer_size, device)
         self.replay = EpisodeReplay(spec, config.buffer_size, num_envs, device)
         self.epsilon = config.epsilon_start
         self.updates = 0  # gradient steps so far (the target copy follows it)
