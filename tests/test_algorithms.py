@@ -1,9 +1,12 @@
-"""Contract tests every on-policy algorithm must pass, on synthetic batches (no simulator needed)."""
+"""Contract tests every algorithm must pass (acting, persistence), and those of the on-policy family
+(teacher-forced evaluation, PPO updates), on synthetic batches (no simulator needed)."""
+
+import io
 
 import pytest
 import torch
 
-from seqmarl.algos import algorithm_names, check_compatible, make_algorithm
+from seqmarl.algos import algorithm_class, algorithm_names, check_compatible, make_algorithm
 from seqmarl.buffer import RolloutBuffer
 from seqmarl.config import build_config
 from seqmarl.errors import UserError
@@ -30,6 +33,51 @@ def _inputs(spec, seed=0):
         mask = torch.rand(B, N, A, generator=g) > 0.4
         mask[..., 0] = True  # at least one action available
     return obs, state, mask
+
+
+# Every registered algorithm with every action space it supports (QMIX: discrete only).
+SUPPORTED = [
+    pytest.param(name, spec, id=f"{name}-{kind}")
+    for name in algorithm_names()
+    for spec, kind in ((DISCRETE, "discrete"), (CONTINUOUS, "continuous"))
+    if (
+        algorithm_class(name).supports_discrete
+        if spec.discrete
+        else algorithm_class(name).supports_continuous
+    )
+]
+
+
+@pytest.mark.parametrize("name, spec", SUPPORTED)
+def test_act_contract_and_checkpoint_round_trip(name, spec):
+    algo = _make(name, spec)
+    obs, state, mask = _inputs(spec)
+    hidden = algo.initial_hidden(B)
+    algo.begin_iteration(torch.Generator().manual_seed(0), 0)
+    out = algo.act(obs, state, mask, hidden)
+    assert out.actions.shape == ((B, N) if spec.discrete else (B, N, 2))
+    assert out.log_prob.shape == (B, N) and out.value.shape == (B, N)
+    assert algo.values(obs, state).shape == (B, N)
+    assert (out.hidden is None) == (hidden is None)  # a recurrent state only with an RNN
+    if hidden is not None:
+        assert out.hidden.shape == hidden.shape
+    if spec.discrete:
+        assert mask.gather(-1, out.actions[..., None]).all(), "a masked action was taken"
+    greedy = algo.act(obs, state, mask, hidden, deterministic=True).actions
+    torch.testing.assert_close(algo.act(obs, state, mask, hidden, deterministic=True).actions, greedy)
+
+    saved = io.BytesIO()  # checkpoints are read back with weights_only=True
+    torch.save(algo.state_dict(), saved)
+    saved.seek(0)
+    torch.manual_seed(1)
+    clone = _make(name, spec)
+    clone.load_state_dict(torch.load(saved, weights_only=True))
+    torch.testing.assert_close(clone.act(obs, state, mask, hidden, deterministic=True).actions, greedy)
+
+
+def test_qmix_is_refused_for_continuous_actions():
+    with pytest.raises(UserError, match="qmix supports discrete actions only"):
+        check_compatible("qmix", CONTINUOUS, build_config({"algo": "qmix"}))
 
 
 @pytest.mark.parametrize("spec", [DISCRETE, CONTINUOUS], ids=["discrete", "continuous"])

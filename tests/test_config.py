@@ -25,6 +25,8 @@ def test_defaults_and_overrides_are_typed():
         ({"ppo": {"lr_schedule": "cosine"}}, "ppo.lr_schedule must be"),
         ({"run": {"progress": "maybe"}}, "run.progress: expected true/false"),
         ({"model": "big"}, "must be a mapping"),
+        ({"qmix": {"buffer_size": 10, "batch_size": 20}}, "qmix.buffer_size must be >= qmix.batch_size"),
+        ({"qmix": {"epsilon_finish": 0.5, "epsilon_start": 0.1}}, "epsilon_finish <= epsilon_start"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, fragment):
@@ -47,3 +49,13 @@ def test_presets_follow_the_reference_settings():
     cheetah = build_config(preset_for("mamujoco:HalfCheetah-6x1"))
     assert (cheetah.env.num_envs, cheetah.ppo.num_minibatches, cheetah.ppo.max_grad_norm) == (40, 4, 0.5)
     assert preset_for("smax:not_a_map_with_entries")["ppo"]["lr"] == 5e-4  # family defaults still apply
+
+
+def test_qmix_preset_follows_pymarl2():
+    qmix = build_config(preset_for("smax:3m", "qmix")).qmix
+    assert (qmix.lr, qmix.td_lambda, qmix.buffer_size, qmix.batch_size) == (1e-3, 0.6, 5000, 128)
+    assert (qmix.epsilon_finish, qmix.epsilon_anneal_steps, qmix.target_update_interval) == (
+        0.05,
+        100_000,
+        25,
+    )

@@ -90,6 +90,8 @@ def test_step_record_contract(env):
         assert torch.equal(record.final_obs[going_on], record.obs[going_on])
         assert torch.equal(record.final_state[going_on], record.state[going_on])
         assert torch.equal(record.final_alive[going_on], record.alive[going_on])
+        assert torch.equal(record.final_action_mask[going_on], record.action_mask[going_on])
+        assert record.final_action_mask.any(-1).all()  # dead agents can still "stop"
         if not done.any():
             continue
         finished += int(done.sum())

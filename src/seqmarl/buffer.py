@@ -95,9 +95,11 @@ class RolloutBuffer:
         # Per-agent values of the final observation of episodes truncated at step t (zeros elsewhere).
         self.final_values = torch.zeros(T, E, N, **z)
         self.final_alive = torch.zeros(T, E, N, dtype=torch.bool, **z)
-        # The last observation/state of episodes truncated at step t (for off-policy bootstrapping).
+        # The last observation/state/action mask of episodes truncated at step t (for off-policy
+        # bootstrapping: QMIX's target needs the greedy action among those available there).
         self.final_obs = torch.zeros(T, E, N, O, **z)
         self.final_state = torch.zeros(T, E, S, **z)
+        self.final_action_mask = torch.zeros(T, E, N, A, dtype=torch.bool, **z)
 
     def finish(
         self,

@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="train an algorithm on a task")
-    train.add_argument("--algo", help="algorithm: mat (default), mat_dec, mappo, ippo, happo")
+    train.add_argument(
+        "--algo", help="algorithm: mat (default), mat_dec, mappo, ippo, happo, qmix (discrete actions only)"
+    )
     train.add_argument("--env", help="task, FAMILY:TASK (default smax:3m; e.g. mamujoco:HalfCheetah-6x1)")
     train.add_argument(
         "--resume",

@@ -1,9 +1,9 @@
 """Typed, frozen configuration: one dataclass per component, presets from YAML, validated overrides.
 
 Each component receives only its own section: the env factory gets EnvConfig, the model MATConfig, the
-PPO update PPOConfig, the trainer RunConfig. Overrides arrive as nested dicts (YAML presets, `--set
-section.key=value`, CLI flags) and are checked key by key against the dataclass fields, so a typo names
-the key and the allowed ones instead of being ignored.
+PPO update PPOConfig, QMIX QMIXConfig, the trainer RunConfig. Overrides arrive as nested dicts (YAML
+presets, `--set section.key=value`, CLI flags) and are checked key by key against the dataclass fields,
+so a typo names the key and the allowed ones instead of being ignored.
 """
 
 from __future__ import annotations
@@ -66,6 +66,49 @@ class PPOConfig:
 
 
 @dataclass(frozen=True)
+class QMIXConfig:
+    """QMIX (value decomposition, off-policy): pymarl2's tuned settings unless a preset says otherwise.
+
+    The trainer still collects `ppo.rollout_length` steps of `env.num_envs` envs per iteration; QMIX cuts
+    them into episodes, stores them, and then makes one update per `episodes_per_update` new episodes.
+    """
+
+    lr: float = 1e-3  # Adam learning rate, constant (the trainer's PPO lr schedule does not apply)
+    gamma: float = 0.99
+    td_lambda: float = 0.6  # TD(lambda) targets (pymarl2); 0 gives one-step targets
+    buffer_size: int = 5000  # replay capacity in episodes (preallocated, padded to the time limit)
+    batch_size: int = 128  # episodes per update
+    episodes_per_update: int = 8  # one update per this many finished episodes (pymarl2: 8 parallel envs)
+    target_update_interval: int = 25  # updates between hard target copies (pymarl2: 200 episodes / 8)
+    epsilon_start: float = 1.0  # exploration rate at step 0
+    epsilon_finish: float = 0.05  # ... after epsilon_anneal_steps env steps, and from then on
+    epsilon_anneal_steps: int = 100_000  # env steps of the linear anneal
+    max_grad_norm: float = 10.0
+    rnn_hidden: int = 64  # GRU width of the agent network
+    mixing_embed: int = 32  # width of the mixing network
+    hypernet_embed: int = 64  # hidden width of the hypernetworks producing the mixing weights
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "qmix.lr must be > 0")
+        _check(0 < self.gamma <= 1, "qmix.gamma must be in (0, 1]")
+        _check(0 <= self.td_lambda <= 1, "qmix.td_lambda must be in [0, 1]")
+        _check(self.batch_size >= 1, "qmix.batch_size must be >= 1")
+        _check(self.buffer_size >= self.batch_size, "qmix.buffer_size must be >= qmix.batch_size")
+        _check(self.episodes_per_update >= 1, "qmix.episodes_per_update must be >= 1")
+        _check(self.target_update_interval >= 1, "qmix.target_update_interval must be >= 1")
+        _check(
+            0 <= self.epsilon_finish <= self.epsilon_start <= 1,
+            "qmix epsilons must satisfy 0 <= epsilon_finish <= epsilon_start <= 1",
+        )
+        _check(self.epsilon_anneal_steps >= 1, "qmix.epsilon_anneal_steps must be >= 1")
+        _check(self.max_grad_norm > 0, "qmix.max_grad_norm must be > 0")
+        _check(
+            min(self.rnn_hidden, self.mixing_embed, self.hypernet_embed) >= 1,
+            "qmix.rnn_hidden, mixing_embed and hypernet_embed must be >= 1",
+        )
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The training run: budget, seed, evaluation, checkpoints, device."""
 
@@ -96,13 +139,14 @@ class TrainConfig:
     model: MATConfig = field(default_factory=MATConfig)  # MAT, and MAT-Dec's encoder
     mlp: MLPConfig = field(default_factory=MLPConfig)  # MLP actors/critics (MAT-Dec, MAPPO, IPPO, HAPPO)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    qmix: QMIXConfig = field(default_factory=QMIXConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-SECTIONS = ("env", "model", "mlp", "ppo", "run")
+SECTIONS = ("env", "model", "mlp", "ppo", "qmix", "run")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -156,7 +200,8 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_config(overrides: dict[str, Any]) -> TrainConfig:
-    """A TrainConfig from nested overrides {algo, env: {...}, model: {...}, ppo: {...}, run: {...}}."""
+    """A TrainConfig from nested overrides {algo, env: {...}, model: {...}, ppo: {...}, qmix: {...},
+    run: {...}}."""
     allowed = ("algo",) + SECTIONS
     for key in overrides:
         if key not in allowed:

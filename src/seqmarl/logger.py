@@ -25,6 +25,12 @@ METRICS: tuple[str, ...] = (
     "losses/approx_kl",
     "losses/clip_fraction",
     "losses/grad_norm",
+    "charts/epsilon",
+    "charts/replay_episodes",
+    "losses/td_loss",
+    "losses/td_error",
+    "losses/q_taken_mean",
+    "losses/target_mean",
 )
 
 

@@ -93,6 +93,7 @@ def collect(
             buffer.final_state[t] = final_state
             buffer.final_values[t] = algorithm.values(final_obs, final_state)
             buffer.final_alive[t] = record.final_alive.to(device)
+            buffer.final_action_mask[t] = record.final_action_mask.to(device)
         hidden = reset_finished(out.hidden, record.done)
         stats.add(record)
     return record, hidden, stats

@@ -204,7 +204,8 @@ def _run(config: TrainConfig, run_dir: Path, checkpoint: dict[str, Any] | None) 
         # .get: an evaluation with no finished episode (or bench/train.py's no-op) has no score.
         previous = [summary.get(best_key, -math.inf) for _, summary, _ in evaluations[:-1]]
         if not previous or evaluations[-1][1].get(best_key, -math.inf) > max(previous):
-            payload = {"algorithm": algorithm.state_dict(), "config": config.to_dict(), "env": spec.name}
+            weights = algorithm.state_dict(training=False)  # evaluation only: no replay memory
+            payload = {"algorithm": weights, "config": config.to_dict(), "env": spec.name}
             atomic_save({**payload, "step": step, "iteration": iteration}, run_dir / "best.pt")
 
     if checkpoint is None:
@@ -260,7 +261,8 @@ def _run(config: TrainConfig, run_dir: Path, checkpoint: dict[str, Any] | None) 
                 previous_step, step = step, step + steps_per_iteration
                 # 3. log, evaluate, save
                 metrics.update(episodes.summary("charts", spec.has_win))
-                metrics["charts/learning_rate"] = lr
+                # An algorithm with its own constant rate (QMIX) reports the rate it used.
+                metrics.setdefault("charts/learning_rate", lr)
                 metrics["charts/SPS"] = step / elapsed()
                 last = iteration == num_iterations - 1
                 if last or _due(step, previous_step, run.eval_every):

@@ -64,9 +64,9 @@ class StepRecord:
 
     Environments reset themselves: when `terminated | truncated` is set for env e, `obs[e]`, `state[e]`,
     `action_mask[e]` and `alive[e]` already belong to the first step of the next episode, and the last
-    observation of the finished episode is in `final_obs[e]` / `final_state[e]` / `final_alive[e]`
-    (needed to bootstrap the value on truncation). For envs that did not finish, the final_* rows are
-    copies of the current ones.
+    observation of the finished episode is in `final_obs[e]` / `final_state[e]` / `final_alive[e]` /
+    `final_action_mask[e]` (needed to bootstrap the value on truncation). For envs that did not finish,
+    the final_* rows are copies of the current ones.
 
     `discarded[e]` marks an episode cut short because env e's simulator failed and was restarted
     (seqmarl/envs/guard.py): it comes with `truncated` (so GAE neither crosses it nor treats it as a
@@ -84,6 +84,7 @@ class StepRecord:
     final_obs: torch.Tensor  # (E, N, O)
     final_state: torch.Tensor  # (E, S)
     final_alive: torch.Tensor  # (E, N) bool
+    final_action_mask: torch.Tensor  # (E, N, A) bool; what was available there (off-policy bootstraps)
     episode_return: torch.Tensor  # (E,) float32; sum of rewards of the finished episode (valid where done)
     episode_length: torch.Tensor  # (E,) int64; steps of the finished episode (valid where done)
     won: torch.Tensor  # (E,) bool; the finished episode was won (battle tasks; False elsewhere)
@@ -116,6 +117,7 @@ def step_record_layout(spec: EnvSpec, num_envs: int) -> dict[str, tuple[tuple[in
         "final_obs": ((E, N, O), torch.float32),
         "final_state": ((E, S), torch.float32),
         "final_alive": ((E, N), torch.bool),
+        "final_action_mask": ((E, N, A), torch.bool),
         "episode_return": ((E,), torch.float32),
         "episode_length": ((E,), torch.int64),
         "won": ((E,), torch.bool),

@@ -7,6 +7,7 @@
 | mappo   | shared MLP on obs + agent id   | MLP on global state + id   | per agent  | both       |
 | ippo    | shared MLP on obs + agent id   | MLP on own obs + id        | per agent  | both       |
 | happo   | one MLP per agent, sequential  | MLP on global state        | joint      | both       |
+| qmix    | shared GRU Q-net, eps-greedy   | monotonic mixer on state   | none (TD)  | discrete   |
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ _REGISTRY = {
     "mappo": ("seqmarl.algos.mappo", "MAPPOAlgorithm"),
     "ippo": ("seqmarl.algos.mappo", "IPPOAlgorithm"),
     "happo": ("seqmarl.algos.happo", "HAPPOAlgorithm"),
+    "qmix": ("seqmarl.algos.qmix", "QMIXAlgorithm"),
 }
 
 
@@ -63,4 +65,6 @@ def make_algorithm(name: str, spec: EnvSpec, config, device: torch.device):  # c
         return cls(spec, config.model, config.ppo, device)
     if name == "mat_dec":
         return cls(spec, config.model, config.mlp, config.ppo, device)
+    if name == "qmix":  # the replay keeps one unfinished episode per training env
+        return cls(spec, config.qmix, config.env.num_envs, device)
     return cls(spec, config.mlp, config.ppo, device)

@@ -5,7 +5,9 @@ The trainer (seqmarl/train.py) calls, every iteration:
     act(obs, state, mask, hidden, ...)    while collecting; returns actions, log-probs, values, hidden
     values(obs, state)                    per-agent values, for truncation bootstraps
     learn(buffer, record, lr, generator)  after collecting T steps; returns metrics to log
-and initial_hidden(E), state_dict(), load_state_dict() around them. Each algorithm also declares what
+and initial_hidden(E), state_dict(training=True), load_state_dict() around them (state_dict must hold
+everything an exact resume needs; training=False may leave out what evaluation never reads, such as
+QMIX's replay). Each algorithm also declares what
 it supports (`supports_discrete`, `supports_continuous`, `on_policy`, `uses_state`) so an impossible
 pairing is refused before anything starts.
 
@@ -180,7 +182,9 @@ class PPOAlgorithm:
         )
 
     # ------------------------------------------------------------------------------------- persistence
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, training: bool = True) -> dict[str, Any]:
+        """Weights, optimiser, value normaliser, decision order. `training=False` asks for what an
+        evaluation needs (best.pt); for PPO that is the same small state."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),

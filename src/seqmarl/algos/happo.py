@@ -145,7 +145,7 @@ class HAPPOAlgorithm(PPOAlgorithm):
             for key, value in totals.items()
         }
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, training: bool = True) -> dict[str, Any]:
         state = super().state_dict()
         state["actor_optimizers"] = [o.state_dict() for o in self.actor_optimizers]
         return state

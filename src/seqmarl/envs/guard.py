@@ -9,9 +9,10 @@ Restart: when the inner env's `step` raises (anything but a seqmarl UserError/Tr
 simulator is closed, rebuilt through the adapter's factory with a fresh seed derived from the original
 seed and the restart count (so a crash that depends on the episode is not replayed, and a run with the
 same seed and the same crash is reproducible), and reset. Every episode that was running is discarded:
-the returned record marks all E envs `truncated` and `discarded`, with zero reward, `final_obs` the
-observation the failed actions were taken at (the learner bootstraps from it instead of crossing into the
-new episode or treating the crash as death), and `obs` the first observation of the new episodes.
+the returned record marks all E envs `truncated` and `discarded`, with zero reward, `final_obs` (and the
+other final_* fields) the observation the failed actions were taken at (the learner bootstraps from it
+instead of crossing into the new episode or treating the crash as death), and `obs` the first
+observation of the new episodes.
 More than `max_restarts` failures in a row (no successful step in between) stop the run.
 
 Validation: every record is checked against `step_record_layout` (shapes and dtypes: a mismatch is an
@@ -134,7 +135,7 @@ class GuardedVectorEnv:
         getter = getattr(self._inner, "get_state", None)
         if getter is None:
             raise NotImplementedError(f"{type(self._inner).__name__} has no get_state(); cannot save it")
-        last = {name: getattr(self._last, name).clone() for name in ("obs", "state", "alive")}
+        last = {name: getattr(self._last, name).clone() for name in ("obs", "state", "alive", "action_mask")}
         return {"inner": getter(), "restarts": self.restarts, "steps": self._steps, "last": last}
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -191,6 +192,7 @@ class GuardedVectorEnv:
             final_obs=self._last.obs,
             final_state=self._last.state,
             final_alive=self._last.alive,
+            final_action_mask=self._last.action_mask,
             episode_return=torch.zeros(E),
             episode_length=torch.zeros(E, dtype=torch.int64),
             won=torch.zeros(E, dtype=torch.bool),

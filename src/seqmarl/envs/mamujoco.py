@@ -288,11 +288,13 @@ class MaMujocoVectorEnv:
         tensors = {name: torch.from_numpy(array) for name, array in arrays.items()}
         # No agent ever dies in MuJoCo, and every action dimension is always available.
         alive = torch.ones(E, N, dtype=torch.bool)
+        available = torch.ones(E, N, A, dtype=torch.bool)
         return StepRecord(
             **tensors,
-            action_mask=torch.ones(E, N, A, dtype=torch.bool),
+            action_mask=available,
             alive=alive,
             final_alive=alive.clone(),
+            final_action_mask=available.clone(),
             won=torch.zeros(E, dtype=torch.bool),
             discarded=torch.zeros(E, dtype=torch.bool),  # only the guard discards (envs/guard.py)
         )
