@@ -217,6 +217,7 @@ class CountingEnv:
             episode_return=torch.zeros(E),
             episode_length=torch.zeros(E, dtype=torch.long),
             won=torch.zeros(E, dtype=torch.bool),
+            discarded=torch.zeros(E, dtype=torch.bool),
         )
 
     def step(self, actions: torch.Tensor) -> StepRecord:
@@ -245,6 +246,7 @@ class CountingEnv:
             episode_return=torch.zeros(E),
             episode_length=torch.zeros(E, dtype=torch.long),
             won=torch.zeros(E, dtype=torch.bool),
+            discarded=torch.zeros(E, dtype=torch.bool),
         )
 
 

@@ -59,17 +59,22 @@ class EpisodeBatch:
         return steps[None] < self.length[:, None]
 
 
+def episode_dims(spec: EnvSpec) -> tuple[int, int, int, int, int]:
+    """L time limit, N agents, O obs, S state, A action-mask width: the sizes of a padded episode."""
+    return (
+        spec.max_episode_steps,
+        spec.n_agents,
+        spec.obs_dim,
+        spec.state_dim,
+        spec.action_space.mask_width,
+    )
+
+
 class EpisodeRows:
     """R padded episodes, one row each (zeros beyond each episode's length)."""
 
     def __init__(self, rows: int, spec: EnvSpec, device: torch.device):
-        L, N, O, S, A = (
-            spec.max_episode_steps,
-            spec.n_agents,
-            spec.obs_dim,
-            spec.state_dim,
-            spec.action_space.mask_width,
-        )
+        L, N, O, S, A = episode_dims(spec)
         z = dict(device=device)
         self.obs = torch.zeros(rows, L + 1, N, O, **z)
         self.state = torch.zeros(rows, L + 1, S, **z)
@@ -114,13 +119,7 @@ class EpisodeRows:
 
 def episode_bytes(spec: EnvSpec) -> int:
     """Memory of one padded episode in the ring (float32 obs/state/rewards, bool masks, int64 actions)."""
-    L, N, O, S, A = (
-        spec.max_episode_steps,
-        spec.n_agents,
-        spec.obs_dim,
-        spec.state_dim,
-        spec.action_space.mask_width,
-    )
+    L, N, O, S, A = episode_dims(spec)
     return (L + 1) * (4 * (N * O + S) + N * A) + L * (8 * N + 4) + 9
 
 
