@@ -9,6 +9,7 @@ import string
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from seqmarl.algos import algorithm_names
 from seqmarl.cli import main
 from seqmarl.config import SECTIONS, TrainConfig
 
@@ -67,12 +68,15 @@ bad_argv = st.one_of(
     st.tuples(st.sampled_from(["smax", "mamujoco"]), WORD).map(
         lambda t: ["train", "--env", f"nosuch{t[1]}:x"]
     ),
-    WORD.filter(lambda a: a not in ("mat", "mat_dec", "mappo", "ippo", "happo")).map(
-        lambda a: ["train", "--algo", a]
-    ),
+    WORD.filter(lambda a: a not in algorithm_names()).map(lambda a: ["train", "--algo", a]),
     st.integers(max_value=0).map(lambda n: ["train", "--steps", str(n)]),
     WORD.map(lambda w: ["train", f"--{w}x"]),  # unknown option
     WORD.map(lambda w: ["eval", f"/nonexistent/{w}"]),
+    WORD.map(lambda w: ["train", "--resume", f"/nonexistent/{w}"]),
+    # --resume takes the run's own config: any config flag beside it is refused
+    st.tuples(WORD, st.sampled_from(["--env", "--algo", "--seed", "--set", "--config", "--run-name"])).map(
+        lambda t: ["train", "--resume", f"/nonexistent/{t[0]}", t[1], "1"]
+    ),
     WORD.filter(lambda c: c not in ("train", "eval", "plot", "report", "benchmark")).map(lambda c: [c]),
 )
 
