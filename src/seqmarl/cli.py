@@ -215,15 +215,12 @@ def _cmd_train(args: argparse.Namespace) -> None:
             progress=False if args.no_progress else None,
         )
         config = config_from_dict(_saved_config(result.run_dir))
-        curve = plot_runs([result.run_dir], result.run_dir / args.plot)
-        print(describe_result(config, result))
-        print(f"learning curve: {curve}")
-        return
-    args.algo = args.algo or "mat"
-    if args.algo not in algorithm_names():
-        raise UserError(f"unknown algorithm {args.algo!r}; available: {', '.join(algorithm_names())}")
-    config = build_config(_train_overrides(args))
-    result = train(config)
+    else:
+        args.algo = args.algo or "mat"
+        if args.algo not in algorithm_names():
+            raise UserError(f"unknown algorithm {args.algo!r}; available: {', '.join(algorithm_names())}")
+        config = build_config(_train_overrides(args))
+        result = train(config)
     curve = plot_runs([result.run_dir], result.run_dir / args.plot)
     print(describe_result(config, result))
     print(f"learning curve: {curve}")
