@@ -217,6 +217,7 @@ def test_sigterm_checkpoints_the_iteration_boundary_and_resume_finishes(tmp_path
     assert process.returncode == 130, err
     assert "interrupted: checkpoint for step" in err and "Traceback" not in err
     assert f"seqmarl train --resume {tmp_path / 'term'}" in err
+    assert list((tmp_path / "term" / "checkpoints").glob("step_*.pt"))
     assert main(["train", "--resume", str(tmp_path / "term"), "--no-progress"]) == 0
     assert json.loads((tmp_path / "term" / "result.json").read_text())["steps"] == 1600
 
