@@ -101,8 +101,15 @@ def test_train_eval_plot_smoke(env, steps, tmp_path, capsys, monkeypatch):
     assert (
         main(["eval", str(run_dir / "best.pt"), "--episodes", "2", "--json", str(tmp_path / "a.json")]) == 0
     )
-    assert f"step {int(best):,}," in capsys.readouterr().out
-    assert len(json.loads((tmp_path / "a.json").read_text())["episodes"]["episode_return"]) == 2
+    out = capsys.readouterr().out
+    assert f"step {int(best):,}," in out
+    episodes = json.loads((tmp_path / "a.json").read_text())["episodes"]
+    assert len(episodes["episode_return"]) == 2
+    assert len(episodes["episode_length"]) == len(episodes["survivors"]) == len(episodes["timed_out"]) == 2
+    assert all(1 <= length for length in episodes["episode_length"])
+    if env.startswith("smax"):  # battle tasks say how the lost battles ended
+        assert "with every agent dead" in out and "at the time limit" in out
+        assert all(0 <= alive <= 3 for alive in episodes["survivors"])
     assert main(["plot", str(run_dir), "--out", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").stat().st_size > 1000
 

@@ -138,3 +138,20 @@ def test_report_bad_input(argv, fragment, tmp_path, capsys, monkeypatch):
     assert main(argv + ["--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert fragment in err and len(err.splitlines()) == 1
+
+
+def test_evaluation_outcomes_known_answer():
+    from seqmarl.rollout import EpisodeStats
+
+    stats = EpisodeStats(
+        returns=[2.0, 0.9, 0.5, 0.0, 2.0],
+        lengths=[14, 17, 101, 30, 12],
+        wins=[True, False, False, False, True],
+        survivors=[2, 0, 1, 0, 3],
+        timed_out=[False, False, True, False, False],
+    )
+    # two wins; a loss with every agent dead; one at the time limit; a draw (both sides dead on the same
+    # step: no survivors, not cut) counts as wiped out too
+    assert stats.outcomes() == {"won": 2, "wiped_out": 2, "timed_out": 1, "other": 0}
+    stats.survivors[3] = 1  # a loss that ended by itself with an agent alive: neither wipe-out nor limit
+    assert stats.outcomes() == {"won": 2, "wiped_out": 1, "timed_out": 1, "other": 1}

@@ -257,6 +257,12 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print(f"{config.algo} on {config.env.name}, step {payload['step']:,}, {args.episodes} {mode} episodes:")
     for name, value in summary.items():
         print(f"  {name}: {value:.3f}")
+    if envs.spec.has_win:
+        counts = stats.outcomes()
+        print(
+            f"  lost {len(stats.wins) - counts['won']}: {counts['wiped_out']} with every agent dead, "
+            f"{counts['timed_out']} at the time limit, {counts['other']} other"
+        )
     if args.json is not None:
         record = {
             "checkpoint": str(args.checkpoint),
@@ -264,7 +270,13 @@ def _cmd_eval(args: argparse.Namespace) -> None:
             "algo": config.algo,
             "seed": config.run.seed,
             "step": payload["step"],
-            "episodes": {"episode_return": stats.returns, "win": stats.wins},
+            "episodes": {
+                "episode_return": stats.returns,
+                "win": stats.wins,
+                "episode_length": stats.lengths,
+                "survivors": stats.survivors,
+                "timed_out": stats.timed_out,
+            },
             **summary,
         }
         args.json.write_text(json.dumps(record, indent=2))

@@ -24,7 +24,7 @@ def evaluate(
     """
     E = envs.num_envs
     rounds = math.ceil(episodes / E)
-    per_env: list[list[tuple[float, int, bool]]] = [[] for _ in range(E)]
+    per_env: list[list[tuple[float, int, bool, int, bool]]] = [[] for _ in range(E)]
     record = envs.reset(seed)
     hidden = algorithm.initial_hidden(E)
     while min(len(results) for results in per_env) < rounds:
@@ -42,12 +42,20 @@ def evaluate(
         for e in record.finished.nonzero().flatten().tolist():
             if len(per_env[e]) < rounds:
                 per_env[e].append(
-                    (float(record.episode_return[e]), int(record.episode_length[e]), bool(record.won[e]))
+                    (
+                        float(record.episode_return[e]),
+                        int(record.episode_length[e]),
+                        bool(record.won[e]),
+                        int(record.final_alive[e].sum()),
+                        bool(record.truncated[e]),
+                    )
                 )
     stats = EpisodeStats()
     ordered = [per_env[e][k] for k in range(rounds) for e in range(E)][:episodes]
-    for episode_return, length, won in ordered:
+    for episode_return, length, won, survivors, timed_out in ordered:
         stats.returns.append(episode_return)
         stats.lengths.append(length)
         stats.wins.append(won)
+        stats.survivors.append(survivors)
+        stats.timed_out.append(timed_out)
     return stats

@@ -23,6 +23,10 @@ class EpisodeStats:
     lengths: list[int] = field(default_factory=list)
     wins: list[bool] = field(default_factory=list)
     discarded: int = 0  # episodes thrown away by simulator restarts
+    # Filled by `evaluate` only (not on the training hot path): agents alive at the end of each episode,
+    # and whether it ended at the time limit. They tell how battles were lost (see `outcomes`).
+    survivors: list[int] = field(default_factory=list)
+    timed_out: list[bool] = field(default_factory=list)
 
     def add(self, record: StepRecord) -> None:
         if not bool(record.done.any()):  # one check on the common path
@@ -43,6 +47,17 @@ class EpisodeStats:
         if has_win:
             out[f"{prefix}/win_rate"] = sum(self.wins) / n
         return out
+
+    def outcomes(self) -> dict[str, int]:
+        """How the episodes of an evaluation ended (battle tasks): won; lost with every agent dead
+        (`wiped_out`, which includes both sides dying on the same step); lost at the time limit
+        (`timed_out`); and `other`, a loss that ended by itself with an agent alive (SMAX has none; kept
+        so the counts always add up). Needs `survivors` / `timed_out`, which `evaluate` fills."""
+        lost = [(alive, cut) for alive, cut, won in zip(self.survivors, self.timed_out, self.wins) if not won]
+        wiped = sum(1 for alive, cut in lost if alive == 0 and not cut)
+        timed = sum(1 for _, cut in lost if cut)
+        return {"won": len(self.wins) - len(lost), "wiped_out": wiped, "timed_out": timed,
+                "other": len(lost) - wiped - timed}
 
 
 def reset_finished(hidden: torch.Tensor | None, done: torch.Tensor) -> torch.Tensor | None:
