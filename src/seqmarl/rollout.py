@@ -56,8 +56,12 @@ class EpisodeStats:
         lost = [(alive, cut) for alive, cut, won in zip(self.survivors, self.timed_out, self.wins) if not won]
         wiped = sum(1 for alive, cut in lost if alive == 0 and not cut)
         timed = sum(1 for _, cut in lost if cut)
-        return {"won": len(self.wins) - len(lost), "wiped_out": wiped, "timed_out": timed,
-                "other": len(lost) - wiped - timed}
+        return {
+            "won": len(self.wins) - len(lost),
+            "wiped_out": wiped,
+            "timed_out": timed,
+            "other": len(lost) - wiped - timed,
+        }
 
 
 def reset_finished(hidden: torch.Tensor | None, done: torch.Tensor) -> torch.Tensor | None:
