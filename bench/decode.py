@@ -6,19 +6,23 @@ For every row the same model acts on the same observations with the same generat
 - all N tokens ("whole sequence": exactly the reference's loop, twice the prefix's work).
 The outputs must agree: identical discrete actions, and log-probs / continuous actions within 1e-4
 (float32 rounding: the paths multiply matrices of different shapes).
+The cached loop is the C++ one (csrc/decode.cpp) when it builds; the same loop in Python is timed
+beside it ("C++ gain") and must give the same actions.
 
-    python bench/decode.py [--quick] [--json OUT] [--baseline FILE]
+    python bench/decode.py [--quick] [--json OUT] [--baseline FILE] [--decode auto|cpp|python]
 
 Model: n_embd 64, 1 block, 1 head, obs 100, 10 discrete actions or 3 continuous dims (REFERENCE.md 4).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import common
 import torch
 
+from seqmarl.nn import cpp_decode
 from seqmarl.nn.mat import MATConfig, MultiAgentTransformer
 from seqmarl.types import ContinuousActions, DiscreteActions, EnvSpec
 
@@ -47,8 +51,18 @@ def generator(device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(1234)
 
 
-def bench_row(space_name: str, N: int, envs: int, uncached: bool, repeats: int, device: torch.device):
+def bench_row(
+    space_name: str,
+    N: int,
+    envs: int,
+    uncached: bool,
+    repeats: int,
+    device: torch.device,
+    decode_mode: str,
+    compare_python: bool,
+):
     model, obs, mask = make_inputs(space_name, N, envs, device)
+    model.config = dataclasses.replace(model.config, decode=decode_mode)
 
     def act(use_cache: bool, whole_sequence: bool = False):
         return model.act(obs, mask, False, generator(device), use_cache, whole_sequence)
@@ -59,9 +73,19 @@ def bench_row(space_name: str, N: int, envs: int, uncached: bool, repeats: int, 
         "space": space_name,
         "N": N,
         "envs": envs,
+        "decode": decode_mode,
         "cached_ms": cached_ms,
         "reference_ms": REFERENCE_ROLLOUT_MS.get(N) if space_name == "discrete" and envs == 32 else None,
     }
+    if compare_python and decode_mode != "python":
+        # the same cached loop in Python (the fallback when the C++ step cannot be built)
+        model.config = dataclasses.replace(model.config, decode="python")
+        row["python_cached_ms"] = common.time_ms(lambda: act(True), device, repeats)
+        row["cpp_gain"] = row["python_cached_ms"] / cached_ms
+        python_actions = act(True).actions
+        model.config = dataclasses.replace(model.config, decode=decode_mode)
+        same = act(True).actions
+        row["python_same_actions"] = bool((same - python_actions).abs().max() <= TOLERANCE)
     if uncached:
         # The slow paths are timed fewer times (at N=256 one call takes seconds), warmed up where cheap.
         slow_repeats, slow_warmup = max(1, repeats // 5), int(N <= 64)
@@ -79,6 +103,8 @@ def bench_row(space_name: str, N: int, envs: int, uncached: bool, repeats: int, 
             row["max_action_diff"] = max(float((a.actions - x.actions).abs().max()) for x in (b, c))
             row["actions_equal"] = row["max_action_diff"] <= TOLERANCE
         row["outputs_match"] = row["actions_equal"] and row["max_log_prob_diff"] <= TOLERANCE
+    if "python_same_actions" in row:
+        row["outputs_match"] = row.get("outputs_match", True) and row["python_same_actions"]
     return row
 
 
@@ -89,11 +115,21 @@ def main() -> int:
     p.add_argument("--uncached-max-n", type=int, default=256, help="skip the O(N^2) paths above this N")
     p.add_argument("--large-n-envs", type=int, default=8, help="also time the largest N with this many envs")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument(
+        "--decode",
+        choices=cpp_decode.MODES,
+        default="auto",
+        help="cached decode loop: C++ (auto/cpp) or Python; with C++, the Python loop is timed too",
+    )
     args = p.parse_args()
     if args.quick:
         args.agents, args.envs, args.large_n_envs, args.repeats = [3, 9], 4, 2, 2
     device = common.setup(args)
     machine = common.machine(device)
+    # "auto" resolves here, once: the C++ step if it builds, else Python (and nothing to compare)
+    decode = "cpp" if args.decode != "python" and cpp_decode.extension(args.decode) is not None else "python"
+    machine["decode"] = decode
+    modes = (decode, decode == "cpp")
     print(
         f"# decode: {machine['cpu']} / {machine['device']}, torch {machine['torch']}, "
         f"{machine['threads']} threads, load {machine['load_average']}, commit {machine['commit']}"
@@ -102,11 +138,13 @@ def main() -> int:
     rows = []
     for space_name in SPACES:
         for N in args.agents:
-            rows.append(bench_row(space_name, N, args.envs, N <= args.uncached_max_n, args.repeats, device))
+            uncached = N <= args.uncached_max_n
+            rows.append(bench_row(space_name, N, args.envs, uncached, args.repeats, device, *modes))
             print(f"  {rows[-1]['name']}: {rows[-1]['cached_ms']:.2f} ms", file=sys.stderr)
         if args.large_n_envs:
             N = max(args.agents)
-            rows.append(bench_row(space_name, N, args.large_n_envs, False, max(1, args.repeats // 3), device))
+            repeats = max(1, args.repeats // 3)
+            rows.append(bench_row(space_name, N, args.large_n_envs, False, repeats, device, *modes))
 
     common.print_table(
         rows,
@@ -114,7 +152,10 @@ def main() -> int:
             ("space", "actions", "s"),
             ("N", "N", "d"),
             ("envs", "envs", "d"),
+            ("decode", "cached loop", "s"),
             ("cached_ms", "cached ms", ".2f"),
+            ("python_cached_ms", "Python loop ms", ".2f"),
+            ("cpp_gain", "C++ gain", ".1f"),
             ("uncached_ms", "uncached ms", ".1f"),
             ("speedup", "speedup", ".1f"),
             ("sequence_ms", "whole-sequence ms", ".1f"),

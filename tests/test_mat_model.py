@@ -1,8 +1,13 @@
 """MAT's two entry points agree, decoding is causal, masks are respected, N is free."""
 
+import dataclasses
+import shutil
+
 import pytest
 import torch
 
+from seqmarl.errors import UserError
+from seqmarl.nn import cpp_decode
 from seqmarl.nn.mat import MATConfig, MultiAgentTransformer
 from seqmarl.types import ContinuousActions, DiscreteActions, EnvSpec
 
@@ -147,3 +152,50 @@ def test_cached_act_matches_uncached_act_for_the_same_draws(space_name, config_n
     sampled = model.act(obs, mask, False, torch.Generator().manual_seed(3))
     other = model.act(obs, mask, False, torch.Generator().manual_seed(4))
     assert not torch.equal(other.actions, sampled.actions)
+
+
+HAS_COMPILER = any(shutil.which(cc) for cc in ("c++", "g++", "clang++"))
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the C++ decode step cannot be built here")
+@pytest.mark.parametrize("config_name", CONFIGS)
+@pytest.mark.parametrize("space_name", SPACES)
+def test_cpp_decode_gives_the_python_decode_results(space_name, config_name):
+    """csrc/decode.cpp is the Python cached loop op for op, except its own single-query attention loop on
+    CPU: same draws -> same discrete actions, and log-probs / continuous actions within float32 rounding.
+    Built here (a compiler is present), so a broken build fails instead of falling back."""
+    model, obs, mask = make(space_name, config_name, N=9, B=16)
+    assert cpp_decode.extension("cpp") is not None
+    for deterministic in (False, True):
+        results = {}
+        for mode in ("cpp", "python"):
+            model.config = dataclasses.replace(model.config, decode=mode)
+            results[mode] = model.act(obs, mask, deterministic, torch.Generator().manual_seed(3))
+        if space_name == "discrete":
+            assert torch.equal(results["cpp"].actions, results["python"].actions)
+        torch.testing.assert_close(results["cpp"].actions, results["python"].actions, atol=1e-5, rtol=0)
+        torch.testing.assert_close(results["cpp"].log_prob, results["python"].log_prob, atol=1e-5, rtol=0)
+
+
+def test_unknown_decode_mode_is_a_user_error():
+    with pytest.raises(UserError, match="model.decode"):
+        MATConfig(decode="cuda")
+
+
+def test_a_failed_cpp_build_falls_back_to_python_or_is_a_user_error(monkeypatch, capsys):
+    """No compiler (simulated): "auto" decodes in Python with a one-line notice, "cpp" is refused."""
+
+    def no_compiler():
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(cpp_decode, "_build", no_compiler)
+    monkeypatch.setattr(cpp_decode, "_module", None)
+    monkeypatch.setattr(cpp_decode, "_failure", None)
+    model, obs, mask = make("discrete", "reference")
+    assert "no C++ compiler found" in capsys.readouterr().err
+    reference = dataclasses.replace(model.config, decode="python")
+    expected = model.act(obs, mask, True).actions
+    model.config = reference
+    torch.testing.assert_close(model.act(obs, mask, True).actions, expected)
+    with pytest.raises(UserError, match="does not build here"):
+        cpp_decode.extension("cpp")

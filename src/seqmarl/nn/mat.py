@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seqmarl.errors import UserError
+from seqmarl.nn import cpp_decode
 from seqmarl.nn import distributions as dist
 from seqmarl.nn.layers import MLP, RELU_GAIN, SMALL_GAIN, Attention, init_linear
 from seqmarl.types import ActOutput, ContinuousActions, DiscreteActions, EnvSpec, EvalOutput
@@ -43,6 +45,11 @@ class MATConfig:
     pre_norm: bool = False  # pre-LayerNorm blocks; False is the reference's post-LayerNorm
     std_init: float = 1.0  # continuous only: initial pre-sigmoid std parameter (reference: 1)
     std_scale: float = 0.5  # continuous only: std = sigmoid(param) * std_scale (reference: 0.5)
+    decode: str = "auto"  # cached decode loop: "cpp", "python", or "auto" (cpp if it builds); see cpp_decode
+
+    def __post_init__(self) -> None:
+        if self.decode not in cpp_decode.MODES:
+            raise UserError(f"model.decode must be one of {', '.join(cpp_decode.MODES)}, got {self.decode!r}")
 
 
 class EncoderBlock(nn.Module):
@@ -182,6 +189,10 @@ class DecoderCache:
         return self._append(self.cross_kv, i, kv)
 
 
+# The order in which `_decode_cached_cpp` hands a block's plain weights to csrc/decode.cpp (its `Weight`).
+CPP_WEIGHT_ORDER = ("qkv", "self_proj", "cross_kv", "cross_proj", "mlp_fc", "mlp_proj", "ln1", "ln2", "ln3")
+
+
 def _head(n_embd: int, n_out: int) -> nn.Sequential:
     """Linear -> GELU -> LayerNorm -> Linear, as the reference's value and policy heads."""
     return nn.Sequential(
@@ -243,6 +254,7 @@ class MultiAgentTransformer(EncoderMixin, nn.Module):
         self.dec_blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.n_block))
         self.dec_ln_final = nn.LayerNorm(E) if config.pre_norm else nn.Identity()
         self.policy_head = _head(E, A)
+        cpp_decode.extension(config.decode)  # build or load it now, not in the middle of a rollout
 
     # ----------------------------------------------------------------------------------------- decoder
     def _tokens(self, previous: torch.Tensor) -> torch.Tensor:
@@ -350,9 +362,13 @@ class MultiAgentTransformer(EncoderMixin, nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One token per agent through the decoder, keys/values of earlier agents from the cache.
         rep (B, N, E) -> policy outputs (B, N, A), actions. Per-agent tensors are split off once and the
-        results stacked once: each agent step is a few dozen tiny ops, so per-op overhead is the cost."""
+        results stacked once: each agent step is a few dozen tiny ops, so per-op overhead is the cost;
+        the same loop in C++ (csrc/decode.cpp) halves it and is used when it builds (config.decode)."""
         B, N, E = rep.shape
         caches = [DecoderCache(block, rep) for block in self.dec_blocks]
+        extension = cpp_decode.extension(self.config.decode)
+        if extension is not None:
+            return self._decode_cached_cpp(extension, rep, offset, caches)
         rep_rows = rep.unbind(1)  # N x (B, E)
         offset_rows = [None] * N if offset is None else offset.unbind(1)  # N x (B, A)
         outs, actions = [], []
@@ -377,6 +393,30 @@ class MultiAgentTransformer(EncoderMixin, nn.Module):
             else:
                 x = F.layer_norm(F.gelu(F.linear(a, *embed)), (E,), *dec_ln)  # (B, E)
         return torch.stack(outs, dim=1), torch.stack(actions, dim=1)
+
+    def _decode_cached_cpp(
+        self, extension, rep: torch.Tensor, offset: torch.Tensor | None, caches: list[DecoderCache]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_decode_cached`'s loop run by the C++ extension, on the same plain weights and caches."""
+        blocks = [
+            [t for name in CPP_WEIGHT_ORDER for t in cache.weights[name]]
+            + [cache.cross_q, cache.self_kv, cache.cross_kv]
+            for cache in caches
+        ]
+        fc, _, ln, out = self.policy_head
+        head = [*plain(fc), *plain(ln), *plain(out)]
+        if isinstance(self.dec_ln_final, nn.LayerNorm):
+            head += plain(self.dec_ln_final)
+        if self.discrete:
+            table = self.dec_ln(F.gelu(self.action_embed.weight))  # (A+1, E), row 0 the start token
+            start, tokens, embed = table[0], table[1:], []
+        else:
+            start = self._tokens(rep.new_empty(rep.shape[0], 0, self.action_width))[:, 0]  # (B, E)
+            tokens, embed = start, [*plain(self.action_embed_linear), *plain(self.dec_ln)]
+        config = self.config
+        return extension.decode(
+            rep, blocks, head, start, tokens, embed, offset, config.n_head, config.pre_norm, self.discrete
+        )
 
     def _decode_uncached(
         self, rep: torch.Tensor, offset: torch.Tensor | None, whole_sequence: bool
