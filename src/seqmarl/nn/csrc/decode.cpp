@@ -159,17 +159,21 @@ std::tuple<Tensor, Tensor> decode(const Tensor& rep, const std::vector<std::vect
                                   int64_t n_head, bool pre_norm, bool discrete) {
   at::NoGradGuard no_grad;
   const int64_t B = rep.size(0), N = rep.size(1), E = rep.size(2), H = n_head, D = E / H;
-  const int64_t A = head[4].size(0);
+  // Weight matrices transposed once (views), so each Linear is one addmm: bias + x @ W^T.
+  auto linear = [](const Tensor& x, const Tensor& wt, const Tensor& b) { return at::addmm(b, x, wt); };
   std::vector<Block> bs;
   for (const auto& parts : blocks) {
     TORCH_CHECK(parts.size() == kNumWeights + 3, "decode: a block needs 21 tensors, got ", parts.size());
-    bs.push_back({std::vector<Tensor>(parts.begin(), parts.begin() + kNumWeights), parts[kNumWeights],
-                  parts[kNumWeights + 1], parts[kNumWeights + 2]});
+    Block blk{std::vector<Tensor>(parts.begin(), parts.begin() + kNumWeights), parts[kNumWeights],
+              parts[kNumWeights + 1], parts[kNumWeights + 2]};
+    for (int k : {kQkvW, kSelfProjW, kCrossKvW, kCrossProjW, kFcW, kProjW}) blk.w[k] = blk.w[k].t();
+    bs.push_back(std::move(blk));
   }
   const bool final_ln = head.size() == 8;
+  const Tensor head_fc = head[0].t(), head_out = head[4].t();
+  const Tensor embed_w = discrete ? Tensor() : embed[0].t();
 
-  Tensor outs = rep.new_empty({B, N, A});
-  Tensor actions = discrete ? at::empty({B, N}, rep.options().dtype(at::kLong)) : rep.new_empty({B, N, A});
+  std::vector<Tensor> outs, actions;  // N x (B, A), N x (B,) or (B, A): stacked once at the end
   Tensor x = discrete ? start.expand({B, E}) : start;  // (B, E) the token entering the decoder
   for (int64_t i = 0; i < N; ++i) {
     const Tensor rep_i = rep.select(1, i);  // (B, E)
@@ -177,19 +181,19 @@ std::tuple<Tensor, Tensor> decode(const Tensor& rep, const std::vector<std::vect
       const auto& w = blk.w;
       // causal self-attention over the action tokens 0..i
       Tensor h = pre_norm ? layer_norm(x, w[kLn1W], w[kLn1B]) : x;
-      Tensor qkv = at::linear(h, w[kQkvW], w[kQkvB]).view({B, 3, H, D});
+      Tensor qkv = linear(h, w[kQkvW], w[kQkvB]).view({B, 3, H, D});
       auto [k, v] = append(blk.self_kv, i, qkv.narrow(1, 1, 2));  // 2 x (B, H, i+1, D)
       Tensor att = attend_one(qkv.select(1, 0).unsqueeze(2), k, v);  // (B, H, 1, D)
-      att = at::linear(att.reshape({B, E}), w[kSelfProjW], w[kSelfProjB]);
+      att = linear(att.reshape({B, E}), w[kSelfProjW], w[kSelfProjB]);
       x = pre_norm ? x + att : layer_norm(x, w[kLn1W], w[kLn1B], &att);
       // "cross" attention: query from the encoded observation i, keys/values from the action stream
       Tensor kv_in = pre_norm ? layer_norm(x, w[kLn2W], w[kLn2B]) : x;
-      Tensor kv = at::linear(kv_in, w[kCrossKvW], w[kCrossKvB]).view({B, 2, H, D});
+      Tensor kv = linear(kv_in, w[kCrossKvW], w[kCrossKvB]).view({B, 2, H, D});
       auto [ck, cv] = append(blk.cross_kv, i, kv);
       att = attend_one(blk.cross_q.narrow(2, i, 1), ck, cv);  // (B, H, 1, D)
-      Tensor y = rep_i + at::linear(att.reshape({B, E}), w[kCrossProjW], w[kCrossProjB]);
-      auto mlp = [&w](const Tensor& t) {
-        return at::linear(at::gelu(at::linear(t, w[kFcW], w[kFcB])), w[kProjW], w[kProjB]);
+      Tensor y = rep_i + linear(att.reshape({B, E}), w[kCrossProjW], w[kCrossProjB]);
+      auto mlp = [&w, &linear](const Tensor& t) {
+        return linear(at::gelu(linear(t, w[kFcW], w[kFcB])), w[kProjW], w[kProjB]);
       };
       if (pre_norm) {
         x = y + mlp(layer_norm(y, w[kLn3W], w[kLn3B]));
@@ -201,19 +205,19 @@ std::tuple<Tensor, Tensor> decode(const Tensor& rep, const std::vector<std::vect
     }
     // policy head: [final LayerNorm ->] Linear -> GELU -> LayerNorm -> Linear
     Tensor z = final_ln ? layer_norm(x, head[6], head[7]) : x;
-    Tensor out = at::linear(layer_norm(at::gelu(at::linear(z, head[0], head[1])), head[2], head[3]), head[4], head[5]);
-    outs.select(1, i).copy_(out);
+    Tensor out = linear(layer_norm(at::gelu(linear(z, head_fc, head[1])), head[2], head[3]), head_out, head[5]);
+    outs.push_back(out);
     if (discrete) {
       Tensor a = (out + offset->select(1, i)).argmax(-1);  // (B,)
-      actions.select(1, i).copy_(a);
+      actions.push_back(a);
       x = tokens.index_select(0, a);
     } else {
       Tensor a = offset.has_value() ? out + offset->select(1, i) : out;  // (B, A)
-      actions.select(1, i).copy_(a);
-      x = layer_norm(at::gelu(at::linear(a, embed[0], embed[1])), embed[2], embed[3]);
+      actions.push_back(a);
+      x = layer_norm(at::gelu(linear(a, embed_w, embed[1])), embed[2], embed[3]);
     }
   }
-  return {outs, actions};
+  return {at::stack(outs, 1), at::stack(actions, 1)};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
