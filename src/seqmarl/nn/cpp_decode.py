@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import sys
 import threading
 from importlib import resources
@@ -56,6 +57,9 @@ def _already_built() -> bool:
 def _build() -> ModuleType:
     from torch.utils.cpp_extension import load
 
+    compiler = os.environ.get("CXX", "c++")  # what torch's build runs
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler: {compiler!r} is not on PATH")
     _add_ninja_to_path()
     if not _already_built():
         print("seqmarl: building the C++ decode step (once per machine, about a minute)...", file=sys.stderr)
@@ -76,7 +80,9 @@ def extension(mode: str) -> ModuleType | None:
             try:
                 _module = _build()
             except Exception as error:  # no compiler, no ninja, a failed build: say why, keep going
-                _failure = " ".join(str(error).split())[:300] or type(error).__name__
+                # the end of a failed build's log says why; the start only repeats the command
+                text = " ".join(str(error).split())
+                _failure = (text if len(text) <= 300 else "..." + text[-300:]) or type(error).__name__
                 if mode == "auto":
                     print(
                         f"seqmarl: the C++ decode step is unavailable ({_failure}); decoding in Python "
