@@ -48,10 +48,15 @@ inline float dot(const float* a, const float* b, int64_t n) {
 }
 
 // Attention of one query per (batch, head) over L keys: q (B, H, 1, D), k and v (B, H, L, D) with unit
-// stride in D. On CPU float32 a plain loop: torch's CPU attention kernel costs ~30 us per call at these
-// sizes (B = 32, L <= N, D = 64), mostly set-up; this loop ~3 us. Elsewhere torch's kernel.
+// stride in D. For few keys on CPU float32, a plain loop: torch's CPU attention kernel has a fixed
+// cost of ~6-12 us per call (B = 8-32, D = 64), the loop ~2-4 us at L = 3. The loop's cost grows
+// faster with L (one exp per key, no threads); from L ~ 24 on torch's kernel is as fast or faster
+// (measured on AMD EPYC, 1 and 2 threads; docs/performance.md), so it takes over there, and off CPU.
+constexpr int64_t kLoopAttentionMaxKeys = 24;
+
 Tensor attend_one(const Tensor& q, const Tensor& k, const Tensor& v) {
-  if (!q.is_cpu() || q.scalar_type() != at::kFloat || k.stride(3) != 1 || v.stride(3) != 1 || q.stride(3) != 1) {
+  if (!q.is_cpu() || q.scalar_type() != at::kFloat || k.size(2) > kLoopAttentionMaxKeys || k.stride(3) != 1 ||
+      v.stride(3) != 1 || q.stride(3) != 1) {
     return at::scaled_dot_product_attention(q, k, v);
   }
   const int64_t B = q.size(0), H = q.size(1), L = k.size(2), D = q.size(3);
@@ -222,4 +227,5 @@ std::tuple<Tensor, Tensor> decode(const Tensor& rep, const std::vector<std::vect
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode", &decode, "MAT's cached decode loop (see seqmarl/nn/mat.py)");
+  m.def("attend_one", &attend_one, "attention of one query per (batch, head): q (B, H, 1, D), k, v (B, H, L, D)");
 }
