@@ -199,3 +199,18 @@ def test_a_failed_cpp_build_falls_back_to_python_or_is_a_user_error(monkeypatch,
     torch.testing.assert_close(model.act(obs, mask, True).actions, expected)
     with pytest.raises(UserError, match="does not build here"):
         cpp_decode.extension("cpp")
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the C++ decode step cannot be built here")
+@pytest.mark.parametrize("keys", [1, 5, 24, 25, 80])
+def test_cpp_single_query_attention_matches_torch(keys):
+    """decode.cpp's own attention loop (up to 24 keys) and its hand-over to torch's kernel (beyond):
+    both equal torch's attention, for several heads and a query that is a strided view, as in decode."""
+    extension = cpp_decode.extension("cpp")
+    torch.manual_seed(keys)
+    qkv = torch.randn(6, 3, 4, 16)  # (B, 3, H, D), as the decoder's fused projection
+    q = qkv[:, 0].unsqueeze(2)  # (B, H, 1, D), not contiguous
+    cache = torch.randn(6, 4, 100, 16)  # (B, H, N, D), the first `keys` slots in use
+    k, v = cache[:, :, :keys], cache.flip(2)[:, :, :keys].contiguous()
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(extension.attend_one(q, k, v), expected, atol=1e-6, rtol=1e-5)
