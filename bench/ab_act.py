@@ -25,20 +25,20 @@ from seqmarl.types import ContinuousActions, DiscreteActions, EnvSpec
 SPACES = {"discrete": DiscreteActions(10), "continuous": ContinuousActions(3, (-1.0,) * 3, (1.0,) * 3)}
 
 
+def git(*argv: str) -> str:
+    return subprocess.run(["git", *argv], cwd=common.REPO, capture_output=True, text=True, check=True).stdout
+
+
 def load_revision(revision: str, directory: Path):
-    """nn/{layers,distributions,mat}.py at `revision` as the package `before_nn`; returns its mat module."""
+    """The nn/ package at `revision` (every file: modules, and the C++ source where it has one) as the
+    package `before_nn`; returns its mat module."""
     package = directory / "before_nn"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    for name in ("layers", "distributions", "mat"):
-        source = subprocess.run(
-            ["git", "show", f"{revision}:src/seqmarl/nn/{name}.py"],
-            cwd=common.REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        (package / f"{name}.py").write_text(source.replace("seqmarl.nn", "before_nn"))
+    for path in git("ls-tree", "-r", "--name-only", revision, "src/seqmarl/nn/").split():
+        target = package / Path(path).relative_to("src/seqmarl/nn")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(git("show", f"{revision}:{path}").replace("seqmarl.nn", "before_nn"))
     sys.path.insert(0, str(directory))
     return importlib.import_module("before_nn.mat")
 

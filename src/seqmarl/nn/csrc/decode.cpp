@@ -2,11 +2,11 @@
 //
 // Why: one decode step is ~25 tiny ops on (B, E) tensors, and at E = 64 their fixed costs (Python
 // interpreter, dispatch, kernel set-up) outweigh their arithmetic. Called from C++ the ops skip the
-// interpreter, and the two attentions of one query use a plain loop instead of torch's CPU attention
-// kernel (see attend_one). Otherwise the maths is op for op the Python step (DecoderBlock.step and
-// the policy head): same discrete actions, outputs equal within float32 rounding, as
-// tests/test_mat_model.py checks. ATen calls work on CPU and CUDA tensors alike; on CUDA the
-// attention is torch's kernel.
+// interpreter; the two attentions of one query over few keys use a plain loop instead of torch's CPU
+// attention kernel (attend_one), and each residual add + LayerNorm is one loop (layer_norm).
+// Otherwise the maths is op for op the Python step (DecoderBlock.step and the policy head): same
+// discrete actions, outputs equal within float32 rounding, as tests/test_mat_model.py checks. ATen
+// calls work on CPU and CUDA tensors alike; off CPU the attention and LayerNorm are torch's kernels.
 //
 // Shape legend: B batch, N agents, E embed, H heads, D = E / H, A action width.
 #include <torch/extension.h>
