@@ -68,13 +68,18 @@ def _build() -> ModuleType:
         return load(NAME, [str(path)], extra_cflags=["-O3"], verbose=False)
 
 
+def check_mode(mode: str) -> None:
+    """A `model.decode` value that is not one of MODES is a user error (MATConfig checks it too)."""
+    if mode not in MODES:
+        raise UserError(f"model.decode must be one of {', '.join(MODES)}, got {mode!r}")
+
+
 def extension(mode: str) -> ModuleType | None:
     """The compiled module for `mode` ("auto"/"cpp"), or None to decode in Python."""
     global _module, _failure
+    check_mode(mode)
     if mode == "python":
         return None
-    if mode not in MODES:
-        raise UserError(f"model.decode must be one of {', '.join(MODES)}, got {mode!r}")
     with _lock:
         if _module is None and _failure is None:
             try:

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqmarl.errors import UserError
 from seqmarl.nn import cpp_decode
 from seqmarl.nn import distributions as dist
 from seqmarl.nn.layers import MLP, RELU_GAIN, SMALL_GAIN, Attention, init_linear
@@ -48,8 +47,7 @@ class MATConfig:
     decode: str = "auto"  # cached decode loop: "cpp", "python", or "auto" (cpp if it builds); see cpp_decode
 
     def __post_init__(self) -> None:
-        if self.decode not in cpp_decode.MODES:
-            raise UserError(f"model.decode must be one of {', '.join(cpp_decode.MODES)}, got {self.decode!r}")
+        cpp_decode.check_mode(self.decode)
 
 
 class EncoderBlock(nn.Module):
@@ -189,7 +187,7 @@ class DecoderCache:
         return self._append(self.cross_kv, i, kv)
 
 
-# The order in which `_decode_cached_cpp` hands a block's plain weights to csrc/decode.cpp (its `Weight`).
+# The order in which `_decode_cached` hands a block's plain weights to csrc/decode.cpp (its `Weight`).
 CPP_WEIGHT_ORDER = ("qkv", "self_proj", "cross_kv", "cross_proj", "mlp_fc", "mlp_proj", "ln1", "ln2", "ln3")
 
 
@@ -343,42 +341,61 @@ class MultiAgentTransformer(EncoderMixin, nn.Module):
             return rep.new_empty(B, N, dtype=torch.long)
         return rep.new_empty(B, N, self.action_width)
 
-    def _plain_policy_head(self):
-        """dec_ln_final -> policy head on plain weights (see `plain`): (B, E) -> (B, A)."""
+    def _policy_head_weights(self) -> list[torch.Tensor]:
+        """Plain weights (see `plain`) of the policy head: Linear, LayerNorm, Linear, then dec_ln_final's
+        when it is a LayerNorm (pre-LayerNorm blocks)."""
         fc, _, ln, out = self.policy_head
-        fc, ln, out = plain(fc), plain(ln), plain(out)
-        final = plain(self.dec_ln_final) if isinstance(self.dec_ln_final, nn.LayerNorm) else None
+        weights = [*plain(fc), *plain(ln), *plain(out)]
+        if isinstance(self.dec_ln_final, nn.LayerNorm):
+            weights += plain(self.dec_ln_final)
+        return weights
+
+    def _plain_policy_head(self):
+        """dec_ln_final -> policy head on plain weights: (B, E) -> (B, A)."""
+        fc_w, fc_b, ln_w, ln_b, out_w, out_b, *final = self._policy_head_weights()
         E = self.config.n_embd
 
         def head(x: torch.Tensor) -> torch.Tensor:
-            if final is not None:
+            if final:
                 x = F.layer_norm(x, (E,), *final)
-            return F.linear(F.layer_norm(F.gelu(F.linear(x, *fc)), (E,), *ln), *out)
+            return F.linear(F.layer_norm(F.gelu(F.linear(x, fc_w, fc_b)), (E,), ln_w, ln_b), out_w, out_b)
 
         return head
+
+    def _decoder_inputs(self, B: int) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+        """What the cached loop starts from: the first decoder token (B, E), and what turns a chosen action
+        into the next token. Discrete: the fixed table of embedded action tokens (A, E), looked up per
+        agent. Continuous: no table, and the plain weights of the action embedding and dec_ln."""
+        if self.discrete:
+            table = self.dec_ln(F.gelu(self.action_embed.weight))  # (A+1, E), row 0 the start token
+            return table[0].expand(B, self.config.n_embd), table[1:], []
+        start = self._tokens(self.action_embed_linear.weight.new_empty(B, 0, self.action_width))[:, 0]
+        return start, None, [*plain(self.action_embed_linear), *plain(self.dec_ln)]
 
     def _decode_cached(
         self, rep: torch.Tensor, offset: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One token per agent through the decoder, keys/values of earlier agents from the cache.
         rep (B, N, E) -> policy outputs (B, N, A), actions. Per-agent tensors are split off once and the
-        results stacked once: each agent step is a few dozen tiny ops, so per-op overhead is the cost;
-        the same loop in C++ (csrc/decode.cpp) halves it and is used when it builds (config.decode)."""
+        results stacked once: each agent step is a few dozen tiny ops, so per-op overhead is the cost.
+        The same loop in C++ (csrc/decode.cpp; 1.3-1.6x faster `act`, docs/performance.md) runs instead
+        when it builds (config.decode)."""
         B, N, E = rep.shape
         caches = [DecoderCache(block, rep) for block in self.dec_blocks]
+        start, action_tokens, embed = self._decoder_inputs(B)
         extension = cpp_decode.extension(self.config.decode)
         if extension is not None:
-            return self._decode_cached_cpp(extension, rep, offset, caches)
+            blocks = [
+                [t for name in CPP_WEIGHT_ORDER for t in cache.weights[name]]
+                + [cache.cross_q, cache.self_kv, cache.cross_kv]
+                for cache in caches
+            ]
+            head = self._policy_head_weights()
+            n_head, pre_norm = self.config.n_head, self.config.pre_norm
+            return extension.decode(rep, blocks, head, start, action_tokens, embed, offset, n_head, pre_norm)
         rep_rows = rep.unbind(1)  # N x (B, E)
         offset_rows = [None] * N if offset is None else offset.unbind(1)  # N x (B, A)
         outs, actions = [], []
-        if self.discrete:
-            # The embedded token of every action is a fixed table, looked up per agent.
-            table = self.dec_ln(F.gelu(self.action_embed.weight))  # (A+1, E), row 0 the start token
-            start, action_tokens = table[0].expand(B, E), table[1:]  # (B, E), (A, E)
-        else:
-            start = self._tokens(rep.new_empty(B, 0, self.action_width))[:, 0]  # (B, E)
-            embed, dec_ln = plain(self.action_embed_linear), plain(self.dec_ln)
         head = self._plain_policy_head()
         x = start
         for i in range(N):
@@ -388,35 +405,12 @@ class MultiAgentTransformer(EncoderMixin, nn.Module):
             a = self._choose(out_i, offset_rows[i])
             outs.append(out_i)
             actions.append(a)
-            if self.discrete:
+            if action_tokens is not None:
                 x = action_tokens.index_select(0, a)  # (B, E)
             else:
-                x = F.layer_norm(F.gelu(F.linear(a, *embed)), (E,), *dec_ln)  # (B, E)
+                embed_w, embed_b, ln_w, ln_b = embed
+                x = F.layer_norm(F.gelu(F.linear(a, embed_w, embed_b)), (E,), ln_w, ln_b)  # (B, E)
         return torch.stack(outs, dim=1), torch.stack(actions, dim=1)
-
-    def _decode_cached_cpp(
-        self, extension, rep: torch.Tensor, offset: torch.Tensor | None, caches: list[DecoderCache]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`_decode_cached`'s loop run by the C++ extension, on the same plain weights and caches."""
-        blocks = [
-            [t for name in CPP_WEIGHT_ORDER for t in cache.weights[name]]
-            + [cache.cross_q, cache.self_kv, cache.cross_kv]
-            for cache in caches
-        ]
-        fc, _, ln, out = self.policy_head
-        head = [*plain(fc), *plain(ln), *plain(out)]
-        if isinstance(self.dec_ln_final, nn.LayerNorm):
-            head += plain(self.dec_ln_final)
-        if self.discrete:
-            table = self.dec_ln(F.gelu(self.action_embed.weight))  # (A+1, E), row 0 the start token
-            start, tokens, embed = table[0], table[1:], []
-        else:
-            start = self._tokens(rep.new_empty(rep.shape[0], 0, self.action_width))[:, 0]  # (B, E)
-            tokens, embed = start, [*plain(self.action_embed_linear), *plain(self.dec_ln)]
-        config = self.config
-        return extension.decode(
-            rep, blocks, head, start, tokens, embed, offset, config.n_head, config.pre_norm, self.discrete
-        )
 
     def _decode_uncached(
         self, rep: torch.Tensor, offset: torch.Tensor | None, whole_sequence: bool

@@ -34,15 +34,19 @@ struct Block {
   Tensor cross_kv;        // (2, B, H, N, D)
 };
 
-// Dot product with 8 independent partial sums, so the compiler can vectorise it without reordering
-// a single running sum (which it may not do without -ffast-math).
+// The loops below sum into 8 independent partial sums, so the compiler can vectorise them without
+// reordering a single running sum (which it may not do without -ffast-math); this adds them up.
+inline float reduce8(const float* acc) {
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
 inline float dot(const float* a, const float* b, int64_t n) {
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t d = 0;
   for (; d + 8 <= n; d += 8) {
     for (int t = 0; t < 8; ++t) acc[t] += a[d + t] * b[d + t];
   }
-  float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  float sum = reduce8(acc);
   for (; d < n; ++d) sum += a[d] * b[d];
   return sum;
 }
@@ -125,7 +129,7 @@ Tensor layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, const Tenso
     for (; e + 8 <= E; e += 8) {
       for (int t = 0; t < 8; ++t) acc[t] += o[e + t];
     }
-    float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    float sum = reduce8(acc);
     for (; e < E; ++e) sum += o[e];
     const float mean = sum / static_cast<float>(E);
     for (int t = 0; t < 8; ++t) acc[t] = 0.0f;
@@ -135,7 +139,7 @@ Tensor layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, const Tenso
         acc[t] += c * c;
       }
     }
-    float sq = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    float sq = reduce8(acc);
     for (; e < E; ++e) sq += (o[e] - mean) * (o[e] - mean);
     const float inv = 1.0f / std::sqrt(sq / static_cast<float>(E) + static_cast<float>(kLayerNormEps));
     for (e = 0; e < E; ++e) o[e] = (o[e] - mean) * inv * wd[e] + bd[e];
@@ -154,14 +158,14 @@ std::pair<Tensor, Tensor> append(const Tensor& cache, int64_t i, const Tensor& k
 
 // blocks: per block [18 weights..., cross_q, self_kv, cross_kv] (see Weight).
 // head: [fc_w, fc_b, ln_w, ln_b, out_w, out_b] (+ [final_ln_w, final_ln_b] with pre-LayerNorm).
-// Discrete: start (E,) the start token, tokens (A, E) the embedded action tokens, offset (B, N, A)
-// the masked Gumbel noise (or the mask alone when greedy). Continuous: start (B, E), embed
+// start (B, E): the first decoder token. Discrete: tokens (A, E) the embedded action tokens, offset
+// (B, N, A) the masked Gumbel noise (or the mask alone when greedy). Continuous: tokens None, embed
 // [w, b, ln_w, ln_b] of the action embedding, offset (B, N, A) std * noise or None when greedy.
 // Returns policy outputs (B, N, A) and actions (B, N) int64 or (B, N, A).
 std::tuple<Tensor, Tensor> decode(const Tensor& rep, const std::vector<std::vector<Tensor>>& blocks,
-                                  const std::vector<Tensor>& head, const Tensor& start, const Tensor& tokens,
-                                  const std::vector<Tensor>& embed, const std::optional<Tensor>& offset,
-                                  int64_t n_head, bool pre_norm, bool discrete) {
+                                  const std::vector<Tensor>& head, const Tensor& start,
+                                  const std::optional<Tensor>& tokens, const std::vector<Tensor>& embed,
+                                  const std::optional<Tensor>& offset, int64_t n_head, bool pre_norm) {
   at::NoGradGuard no_grad;
   const int64_t B = rep.size(0), N = rep.size(1), E = rep.size(2), H = n_head, D = E / H;
   // Weight matrices transposed once (views), so each Linear is one addmm: bias + x @ W^T.
@@ -176,10 +180,11 @@ std::tuple<Tensor, Tensor> decode(const Tensor& rep, const std::vector<std::vect
   }
   const bool final_ln = head.size() == 8;
   const Tensor head_fc = head[0].t(), head_out = head[4].t();
+  const bool discrete = tokens.has_value();
   const Tensor embed_w = discrete ? Tensor() : embed[0].t();
 
   std::vector<Tensor> outs, actions;  // N x (B, A), N x (B,) or (B, A): stacked once at the end
-  Tensor x = discrete ? start.expand({B, E}) : start;  // (B, E) the token entering the decoder
+  Tensor x = start;  // (B, E) the token entering the decoder
   for (int64_t i = 0; i < N; ++i) {
     const Tensor rep_i = rep.select(1, i);  // (B, E)
     for (auto& blk : bs) {
@@ -215,7 +220,7 @@ std::tuple<Tensor, Tensor> decode(const Tensor& rep, const std::vector<std::vect
     if (discrete) {
       Tensor a = (out + offset->select(1, i)).argmax(-1);  // (B,)
       actions.push_back(a);
-      x = tokens.index_select(0, a);
+      x = tokens->index_select(0, a);
     } else {
       Tensor a = offset.has_value() ? out + offset->select(1, i) : out;  // (B, A)
       actions.push_back(a);
