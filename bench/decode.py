@@ -7,7 +7,8 @@ For every row the same model acts on the same observations with the same generat
 The outputs must agree: identical discrete actions, and log-probs / continuous actions within 1e-4
 (float32 rounding: the paths multiply matrices of different shapes).
 The cached loop is the C++ one (csrc/decode.cpp) when it builds; the same loop in Python is timed
-beside it ("C++ gain") and must give the same actions.
+beside it ("C++ gain") and must give the same actions. Where the fused CPU loop runs (x86-64 with
+AVX2/FMA), the C++ loop of ATen ops it replaces is timed too ("fused gain").
 
     python bench/decode.py [--quick] [--json OUT] [--baseline FILE] [--decode auto|cpp|python]
 
@@ -86,6 +87,14 @@ def bench_row(
         model.config = dataclasses.replace(model.config, decode=decode_mode)
         same = act(True).actions
         row["python_same_actions"] = bool((same - python_actions).abs().max() <= TOLERANCE)
+    if decode_mode == "cpp" and cpp_decode.extension("cpp").fused_available():
+        # the C++ loop of ATen ops, which the fused CPU loop replaces where the CPU has AVX2/FMA
+        cpp_decode.use_fused_loop = False
+        try:
+            row["aten_cached_ms"] = common.time_ms(lambda: act(True), device, repeats)
+        finally:
+            cpp_decode.use_fused_loop = True
+        row["fused_gain"] = row["aten_cached_ms"] / cached_ms
     if uncached:
         # The slow paths are timed fewer times (at N=256 one call takes seconds), warmed up where cheap.
         slow_repeats, slow_warmup = max(1, repeats // 5), int(N <= 64)
@@ -156,6 +165,8 @@ def main() -> int:
             ("cached_ms", "cached ms", ".2f"),
             ("python_cached_ms", "Python loop ms", ".2f"),
             ("cpp_gain", "C++ gain", ".1f"),
+            ("aten_cached_ms", "C++ ATen loop ms", ".2f"),
+            ("fused_gain", "fused gain", ".1f"),
             ("uncached_ms", "uncached ms", ".1f"),
             ("speedup", "speedup", ".1f"),
             ("sequence_ms", "whole-sequence ms", ".1f"),

@@ -160,12 +160,16 @@ HAS_COMPILER = any(shutil.which(cc) for cc in ("c++", "g++", "clang++"))
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the C++ decode step cannot be built here")
 @pytest.mark.parametrize("config_name", CONFIGS)
 @pytest.mark.parametrize("space_name", SPACES)
-def test_cpp_decode_gives_the_python_decode_results(space_name, config_name):
-    """csrc/decode.cpp is the Python cached loop op for op, except its own single-query attention loop on
-    CPU: same draws -> same discrete actions, and log-probs / continuous actions within float32 rounding.
-    Built here (a compiler is present), so a broken build fails instead of falling back."""
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "aten"])
+def test_cpp_decode_gives_the_python_decode_results(space_name, config_name, fused, monkeypatch):
+    """csrc/decode.cpp's two loops (the fused CPU loop, where this CPU has AVX2/FMA, and the loop of ATen
+    ops) compute the Python cached loop's maths in another summation order: same draws -> same discrete
+    actions, and log-probs / continuous actions within float32 rounding (the tolerance of the
+    act-vs-evaluate test above). Built here (a compiler is present), so a broken build fails instead of
+    falling back."""
     model, obs, mask = make(space_name, config_name, N=9, B=16)
     assert cpp_decode.extension("cpp") is not None
+    monkeypatch.setattr(cpp_decode, "use_fused_loop", fused)
     for deterministic in (False, True):
         results = {}
         for mode in ("cpp", "python"):
@@ -173,8 +177,38 @@ def test_cpp_decode_gives_the_python_decode_results(space_name, config_name):
             results[mode] = model.act(obs, mask, deterministic, torch.Generator().manual_seed(3))
         if space_name == "discrete":
             assert torch.equal(results["cpp"].actions, results["python"].actions)
-        torch.testing.assert_close(results["cpp"].actions, results["python"].actions, atol=1e-5, rtol=0)
-        torch.testing.assert_close(results["cpp"].log_prob, results["python"].log_prob, atol=1e-5, rtol=0)
+        torch.testing.assert_close(results["cpp"].actions, results["python"].actions, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(results["cpp"].log_prob, results["python"].log_prob, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the C++ decode step cannot be built here")
+@pytest.mark.parametrize("space_name", SPACES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_cpp_decode_is_as_exact_as_the_other_loops(space_name, threads):
+    """The fused loop's own kernels (matmul tiles with row and column remainders, vectorised exp/erf,
+    attention over more keys than a vector holds, the batch split over threads) against float64: its
+    log-probs are as close to a float64 teacher-forced evaluate as the Python loop's are. B = 7 rows
+    (not a multiple of the 4-row tile) and N = 40 agents (attention over up to 40 keys)."""
+    extension = cpp_decode.extension("cpp")
+    if not extension.fused_available():
+        pytest.skip("this CPU has no AVX2/FMA: the fused loop does not run here")
+    model, obs, mask = make(space_name, "reference", N=40, B=7, seed=1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = {}
+        for mode in ("cpp", "python"):
+            model.config = dataclasses.replace(model.config, decode=mode)
+            results[mode] = model.act(obs, mask, False, torch.Generator().manual_seed(5))
+    finally:
+        torch.set_num_threads(previous)
+    if space_name == "discrete":
+        assert torch.equal(results["cpp"].actions, results["python"].actions)
+    actions = results["python"].actions
+    actions = actions if space_name == "discrete" else actions.double()
+    exact = model.double().evaluate(obs.double(), mask, actions)
+    error = {mode: (r.log_prob.double() - exact.log_prob).abs().max().item() for mode, r in results.items()}
+    assert error["cpp"] <= 2 * error["python"] + 1e-6, error
 
 
 def test_unknown_decode_mode_is_a_user_error():

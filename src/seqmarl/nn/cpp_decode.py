@@ -26,6 +26,11 @@ from types import ModuleType
 from seqmarl.errors import UserError
 
 MODES = ("auto", "cpp", "python")
+
+# Inside the C++ module, CPU float32 decoding on an x86-64 CPU with AVX2 and FMA runs a fused loop
+# (raw rows, hand-vectorised matmuls, one batch slice per thread); anything else runs the loop of ATen
+# ops. Set this to False to force the ATen loop everywhere: the tests and bench/decode.py compare the two.
+use_fused_loop = True
 NAME = "seqmarl_decode"
 
 _lock = threading.Lock()

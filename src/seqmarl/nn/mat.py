@@ -378,8 +378,8 @@ class MultiAgentTransformer(EncoderMixin, nn.Module):
         """One token per agent through the decoder, keys/values of earlier agents from the cache.
         rep (B, N, E) -> policy outputs (B, N, A), actions. Per-agent tensors are split off once and the
         results stacked once: each agent step is a few dozen tiny ops, so per-op overhead is the cost.
-        The same loop in C++ (csrc/decode.cpp; 1.3-1.6x faster `act`, docs/performance.md) runs instead
-        when it builds (config.decode)."""
+        The same loop in C++ (csrc/decode.cpp: ATen calls, or on x86-64 CPUs with AVX2/FMA a fused loop
+        over raw rows; docs/performance.md) runs instead when it builds (config.decode)."""
         B, N, E = rep.shape
         caches = [DecoderCache(block, rep) for block in self.dec_blocks]
         start, action_tokens, embed = self._decoder_inputs(B)
@@ -391,8 +391,10 @@ class MultiAgentTransformer(EncoderMixin, nn.Module):
                 for cache in caches
             ]
             head = self._policy_head_weights()
-            n_head, pre_norm = self.config.n_head, self.config.pre_norm
-            return extension.decode(rep, blocks, head, start, action_tokens, embed, offset, n_head, pre_norm)
+            n_head, pre_norm, fused = self.config.n_head, self.config.pre_norm, cpp_decode.use_fused_loop
+            return extension.decode(
+                rep, blocks, head, start, action_tokens, embed, offset, n_head, pre_norm, fused
+            )
         rep_rows = rep.unbind(1)  # N x (B, E)
         offset_rows = [None] * N if offset is None else offset.unbind(1)  # N x (B, A)
         outs, actions = [], []

@@ -11,7 +11,9 @@
 // Shape legend: B batch, N agents, E embed, H heads, D = E / H, A action width.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -156,17 +158,493 @@ std::pair<Tensor, Tensor> append(const Tensor& cache, int64_t i, const Tensor& k
 
 }  // namespace
 
+// ---------------------------------------------------------------------------------------------------
+// The fused CPU loop: the same step on raw float32 rows, with no ATen op inside the agent loop.
+//
+// Why: with the ATen step above, a decode step at B = 32, E = 64 costs ~250 us, of which the eight
+// `addmm` calls are ~47% at ~40 GFLOP/s (tiny matmuls with a fixed set-up cost each), GELU ~14% and
+// copies ~12% (docs/performance.md). Here every Linear is a register-blocked AVX2/FMA kernel over the
+// weights transposed once per call, GELU and softmax use vectorised exp/erf, LayerNorm, the residual
+// adds and the cache writes are loops over the rows, and each thread decodes its own slice of the batch
+// for all N agents (the envs of a batch never interact), so there is no synchronisation per step.
+// Built with per-function target attributes and used only when the CPU reports AVX2 and FMA; every
+// other case (another CPU, CUDA, another dtype) runs the ATen step. The maths is the same, summed in
+// another order: outputs agree within float32 rounding (tests/test_mat_model.py).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SEQMARL_FAST_DECODE 1
+#include <immintrin.h>
+#define FAST __attribute__((target("avx2,fma")))
+#else
+#define SEQMARL_FAST_DECODE 0
+#endif
+
+namespace fast {
+
+#if SEQMARL_FAST_DECODE
+
+bool supported() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+FAST inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// e^x for 8 floats: x = n ln2 + r, e^r by Cephes' degree-6 polynomial, 2^n through the exponent bits
+// (about 1 ulp; arguments below -87 give ~1e-38 instead of a denormal or 0).
+FAST inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+
+// erf for 8 floats by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7), the formula torch's own
+// vectorised CPU erf uses, so GELU here matches nn.GELU() to float32 rounding.
+FAST inline __m256 erf8(__m256 x) {
+  const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0f));
+  const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), a, one));
+  __m256 r = _mm256_set1_ps(1.061405429f);
+  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(-1.453152027f));
+  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(1.421413741f));
+  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(-0.284496736f));
+  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(0.254829592f));
+  const __m256 e = exp8(_mm256_mul_ps(_mm256_xor_ps(a, _mm256_set1_ps(-0.0f)), a));  // e^(-a^2)
+  const __m256 y = _mm256_fnmadd_ps(_mm256_mul_ps(e, t), r, one);                   // 1 - e t r
+  return _mm256_xor_ps(y, sign);
+}
+
+// Exact (erf) GELU in place over n floats, as nn.GELU().
+FAST void gelu(float* x, int64_t n) {
+  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f), s = _mm256_set1_ps(0.70710678118654752f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 c = _mm256_add_ps(one, erf8(_mm256_mul_ps(v, s)));
+    _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_mul_ps(half, v), c));
+  }
+  for (; i < n; ++i) x[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * 0.70710678118654752f));
+}
+
+// R rows of C = bias + A @ Wt for 16 output columns starting at o: A (R, K) with row stride lda, Wt
+// (K, O) contiguous (a Linear's weight transposed), C with row stride ldc. 2R accumulators in registers.
+template <int R>
+FAST inline void linear_tile16(const float* A, int64_t lda, int64_t K, const float* Wt, int64_t O, const float* bias,
+                               int64_t o, float* C, int64_t ldc) {
+  __m256 c0[R], c1[R];
+  const __m256 b0 = _mm256_loadu_ps(bias + o), b1 = _mm256_loadu_ps(bias + o + 8);
+  for (int r = 0; r < R; ++r) c0[r] = b0, c1[r] = b1;
+  const float* w = Wt + o;
+  for (int64_t k = 0; k < K; ++k, w += O) {
+    const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 a = _mm256_broadcast_ss(A + r * lda + k);
+      c0[r] = _mm256_fmadd_ps(a, w0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(a, w1, c1[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(C + r * ldc + o, c0[r]);
+    _mm256_storeu_ps(C + r * ldc + o + 8, c1[r]);
+  }
+}
+
+// C (M, O) = bias + A (M, K) @ Wt (K, O): 4 x 16 tiles, then single rows, then 8 and single columns.
+FAST void linear(const float* A, int64_t lda, int64_t M, int64_t K, const float* Wt, const float* bias, int64_t O,
+                 float* C, int64_t ldc) {
+  int64_t o = 0;
+  for (; o + 16 <= O; o += 16) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) linear_tile16<4>(A + m * lda, lda, K, Wt, O, bias, o, C + m * ldc, ldc);
+    for (; m < M; ++m) linear_tile16<1>(A + m * lda, lda, K, Wt, O, bias, o, C + m * ldc, ldc);
+  }
+  for (; o + 8 <= O; o += 8) {
+    for (int64_t m = 0; m < M; ++m) {
+      __m256 c = _mm256_loadu_ps(bias + o);
+      const float* a = A + m * lda;
+      for (int64_t k = 0; k < K; ++k) c = _mm256_fmadd_ps(_mm256_broadcast_ss(a + k), _mm256_loadu_ps(Wt + k * O + o), c);
+      _mm256_storeu_ps(C + m * ldc + o, c);
+    }
+  }
+  for (; o < O; ++o) {
+    for (int64_t m = 0; m < M; ++m) {
+      float c = bias[o];
+      const float* a = A + m * lda;
+      for (int64_t k = 0; k < K; ++k) c = std::fma(a[k], Wt[k * O + o], c);
+      C[m * ldc + o] = c;
+    }
+  }
+}
+
+FAST inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+  float sum = hsum(acc);
+  for (; d < n; ++d) sum += a[d] * b[d];
+  return sum;
+}
+
+// One query q (D) over L keys and values (L, D), rows contiguous: out (D) = softmax(q k^T / sqrt D) v.
+// p: scratch of at least L + 8 floats.
+FAST void attend(const float* q, const float* k, const float* v, int64_t L, int64_t D, float* p, float* out) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  float max = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < L; ++j) {
+    p[j] = dot(q, k + j * D, D) * scale;
+    max = std::max(max, p[j]);
+  }
+  const __m256 vmax = _mm256_set1_ps(max);
+  __m256 vsum = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= L; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j), vmax));
+    _mm256_storeu_ps(p + j, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  float sum = hsum(vsum);
+  for (; j < L; ++j) sum += (p[j] = std::exp(p[j] - max));
+  // out = sum_j p_j v_j / sum: one pass over the values, key by key (a pass per 8 columns would read
+  // every value row D / 8 times, which costs memory bandwidth once the cache outgrows the CPU caches)
+  std::fill(out, out + D, 0.0f);
+  for (j = 0; j < L; ++j) {
+    const __m256 w = _mm256_set1_ps(p[j]);
+    const float* vj = v + j * D;
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) _mm256_storeu_ps(out + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(vj + d), _mm256_loadu_ps(out + d)));
+    for (; d < D; ++d) out[d] += p[j] * vj[d];
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t d = 0; d < D; ++d) out[d] *= inv;
+}
+
+// LayerNorm of R rows of width E: out = LN(x (+ r)) with weight w, bias b; out may be x or r.
+FAST void layer_norm_rows(const float* x, const float* r, const float* w, const float* b, int64_t R, int64_t E,
+                          float* out) {
+  const float eps = static_cast<float>(kLayerNormEps);
+  for (int64_t row = 0; row < R; ++row) {
+    const float* xr = x + row * E;
+    const float* rr = r == nullptr ? nullptr : r + row * E;
+    float* o = out + row * E;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t e = 0;
+    for (; e + 8 <= E; e += 8) {
+      __m256 v = _mm256_loadu_ps(xr + e);
+      if (rr != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(rr + e));
+      _mm256_storeu_ps(o + e, v);
+      acc = _mm256_add_ps(acc, v);
+    }
+    float sum = hsum(acc);
+    for (; e < E; ++e) sum += (o[e] = rr == nullptr ? xr[e] : xr[e] + rr[e]);
+    const float mean = sum / static_cast<float>(E);
+    const __m256 vmean = _mm256_set1_ps(mean);
+    acc = _mm256_setzero_ps();
+    for (e = 0; e + 8 <= E; e += 8) {
+      const __m256 c = _mm256_sub_ps(_mm256_loadu_ps(o + e), vmean);
+      acc = _mm256_fmadd_ps(c, c, acc);
+    }
+    float sq = hsum(acc);
+    for (; e < E; ++e) sq += (o[e] - mean) * (o[e] - mean);
+    const float inv = 1.0f / std::sqrt(sq / static_cast<float>(E) + eps);
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (e = 0; e + 8 <= E; e += 8) {
+      const __m256 c = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(o + e), vmean), vinv);
+      _mm256_storeu_ps(o + e, _mm256_fmadd_ps(c, _mm256_loadu_ps(w + e), _mm256_loadu_ps(b + e)));
+    }
+    for (; e < E; ++e) o[e] = (o[e] - mean) * inv * w[e] + b[e];
+  }
+}
+
+FAST void add_rows(float* x, const float* y, int64_t n) {  // x += y over n floats
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) x[i] += y[i];
+}
+
+struct Linear {
+  Tensor wt;  // (K, O) contiguous: the weight transposed once per call
+  const float* w;
+  const float* b;
+  int64_t K, O;
+  Linear() = default;
+  Linear(const Tensor& weight, const Tensor& bias)
+      : wt(weight.t().contiguous()), w(wt.data_ptr<float>()), b(bias.data_ptr<float>()),
+        K(weight.size(1)), O(weight.size(0)) {}
+};
+
+struct Norm {
+  const float* w;
+  const float* b;
+};
+
+struct FastBlock {
+  Linear qkv, self_proj, cross_kv, cross_proj, fc, proj;
+  Norm ln1, ln2, ln3;
+  Tensor cross_q;  // (B, H, N, D), D contiguous
+  float* self_cache;   // (2, B, H, N, D) contiguous: keys and values of the action tokens
+  float* cross_cache;  // (2, B, H, N, D) contiguous: keys and values for the cross attention
+};
+
+struct FastModel {
+  int64_t B, N, E, H, D, A, hidden;
+  bool pre_norm, discrete;
+  std::vector<FastBlock> blocks;
+  const float* rep;    // (B, N, E)
+  const float* start;  // (B, E)
+  Linear head_fc, head_out, embed;
+  Norm head_ln, final_ln, embed_ln;
+  bool has_final_ln;
+  const float* tokens;  // discrete: (A, E)
+  const float* offset;  // (B, N, A) or nullptr
+  float* outs;          // (B, N, A)
+  int64_t* action_ids;  // discrete: (B, N)
+  float* action_values; // continuous: (B, N, A)
+};
+
+// Write R rows of keys/values (row stride ld, first key at kv, values E floats later) into slot i of
+// cache (2, B, H, N, D) for batch rows b0..b0+R-1.
+FAST void cache_write(float* cache, const FastModel& m, int64_t b0, int64_t R, int64_t i, const float* kv, int64_t ld) {
+  const int64_t N = m.N, D = m.D, H = m.H;
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t part = 0; part < 2; ++part) {
+      for (int64_t h = 0; h < H; ++h) {
+        float* dst = cache + (((part * m.B + b0 + r) * H + h) * N + i) * D;
+        std::memcpy(dst, kv + r * ld + part * m.E + h * D, sizeof(float) * D);
+      }
+    }
+  }
+}
+
+// Decode every agent for batch rows b0..b1-1.
+FAST void decode_rows(const FastModel& m, int64_t b0, int64_t b1) {
+  const int64_t R = b1 - b0, N = m.N, E = m.E, H = m.H, D = m.D, A = m.A, Hm = m.hidden;
+  std::vector<float> buf(static_cast<size_t>(R * (9 * E + Hm) + N + 8));
+  float* x = buf.data();     // (R, E) the token entering the decoder
+  float* h = x + R * E;      // (R, E) LayerNorm'd input
+  float* att = h + R * E;    // (R, E) attention outputs
+  float* t = att + R * E;    // (R, E) projections
+  float* y = t + R * E;      // (R, E)
+  float* z = y + R * E;      // (R, E) head hidden
+  float* wide = z + R * E;   // (R, 3E) fused q/k/v or k/v
+  float* mid = wide + 3 * R * E;  // (R, Hm) MLP hidden
+  float* p = mid + R * Hm;        // (N + 8) attention weights
+  for (int64_t r = 0; r < R; ++r) std::memcpy(x + r * E, m.start + (b0 + r) * E, sizeof(float) * E);
+
+  for (int64_t i = 0; i < N; ++i) {
+    for (const FastBlock& blk : m.blocks) {
+      // causal self-attention over the action tokens 0..i
+      const float* in = x;
+      if (m.pre_norm) {
+        layer_norm_rows(x, nullptr, blk.ln1.w, blk.ln1.b, R, E, h);
+        in = h;
+      }
+      linear(in, E, R, E, blk.qkv.w, blk.qkv.b, 3 * E, wide, 3 * E);
+      cache_write(blk.self_cache, m, b0, R, i, wide + E, 3 * E);
+      for (int64_t r = 0; r < R; ++r) {
+        for (int64_t hh = 0; hh < H; ++hh) {
+          const float* keys = blk.self_cache + ((b0 + r) * H + hh) * N * D;
+          const float* values = blk.self_cache + ((m.B + b0 + r) * H + hh) * N * D;
+          attend(wide + r * 3 * E + hh * D, keys, values, i + 1, D, p, att + r * E + hh * D);
+        }
+      }
+      linear(att, E, R, E, blk.self_proj.w, blk.self_proj.b, E, t, E);
+      if (m.pre_norm) {
+        add_rows(x, t, R * E);
+      } else {
+        layer_norm_rows(x, t, blk.ln1.w, blk.ln1.b, R, E, x);
+      }
+      // "cross" attention: query from the encoded observation i, keys/values from the action stream
+      in = x;
+      if (m.pre_norm) {
+        layer_norm_rows(x, nullptr, blk.ln2.w, blk.ln2.b, R, E, h);
+        in = h;
+      }
+      linear(in, E, R, E, blk.cross_kv.w, blk.cross_kv.b, 2 * E, wide, 2 * E);
+      cache_write(blk.cross_cache, m, b0, R, i, wide, 2 * E);
+      const float* cq = blk.cross_q.data_ptr<float>();
+      const auto cs = blk.cross_q.strides();
+      for (int64_t r = 0; r < R; ++r) {
+        for (int64_t hh = 0; hh < H; ++hh) {
+          const float* keys = blk.cross_cache + ((b0 + r) * H + hh) * N * D;
+          const float* values = blk.cross_cache + ((m.B + b0 + r) * H + hh) * N * D;
+          const float* query = cq + (b0 + r) * cs[0] + hh * cs[1] + i * cs[2];
+          attend(query, keys, values, i + 1, D, p, att + r * E + hh * D);
+        }
+      }
+      linear(att, E, R, E, blk.cross_proj.w, blk.cross_proj.b, E, y, E);
+      for (int64_t r = 0; r < R; ++r) add_rows(y + r * E, m.rep + ((b0 + r) * N + i) * E, E);  // rep_i + ...
+      // MLP: Linear -> GELU -> Linear
+      if (m.pre_norm) {
+        layer_norm_rows(y, nullptr, blk.ln3.w, blk.ln3.b, R, E, h);
+        linear(h, E, R, E, blk.fc.w, blk.fc.b, Hm, mid, Hm);
+        gelu(mid, R * Hm);
+        linear(mid, Hm, R, Hm, blk.proj.w, blk.proj.b, E, t, E);
+        for (int64_t k = 0; k < R * E; ++k) x[k] = y[k] + t[k];
+      } else {
+        layer_norm_rows(y, nullptr, blk.ln2.w, blk.ln2.b, R, E, y);
+        linear(y, E, R, E, blk.fc.w, blk.fc.b, Hm, mid, Hm);
+        gelu(mid, R * Hm);
+        linear(mid, Hm, R, Hm, blk.proj.w, blk.proj.b, E, t, E);
+        layer_norm_rows(y, t, blk.ln3.w, blk.ln3.b, R, E, x);
+      }
+    }
+    // policy head: [final LayerNorm ->] Linear -> GELU -> LayerNorm -> Linear, into outs[:, i]
+    const float* in = x;
+    if (m.has_final_ln) {
+      layer_norm_rows(x, nullptr, m.final_ln.w, m.final_ln.b, R, E, h);
+      in = h;
+    }
+    linear(in, E, R, E, m.head_fc.w, m.head_fc.b, m.head_fc.O, z, E);
+    gelu(z, R * E);
+    layer_norm_rows(z, nullptr, m.head_ln.w, m.head_ln.b, R, E, z);
+    float* out = m.outs + (b0 * N + i) * A;
+    linear(z, E, R, E, m.head_out.w, m.head_out.b, A, out, N * A);
+    if (m.discrete) {
+      for (int64_t r = 0; r < R; ++r) {  // argmax of output + offset, the first of equal maxima
+        const float* o = out + r * N * A;
+        const float* off = m.offset + ((b0 + r) * N + i) * A;
+        int64_t best = 0;
+        float best_value = o[0] + off[0];
+        for (int64_t a = 1; a < A; ++a) {
+          const float value = o[a] + off[a];
+          if (value > best_value) best = a, best_value = value;
+        }
+        m.action_ids[(b0 + r) * N + i] = best;
+        std::memcpy(x + r * E, m.tokens + best * E, sizeof(float) * E);
+      }
+    } else {
+      float* act = m.action_values + (b0 * N + i) * A;
+      for (int64_t r = 0; r < R; ++r) {
+        const float* o = out + r * N * A;
+        const float* off = m.offset == nullptr ? nullptr : m.offset + ((b0 + r) * N + i) * A;
+        for (int64_t a = 0; a < A; ++a) act[r * N * A + a] = off == nullptr ? o[a] : o[a] + off[a];
+      }
+      linear(act, N * A, R, A, m.embed.w, m.embed.b, E, x, E);
+      gelu(x, R * E);
+      layer_norm_rows(x, nullptr, m.embed_ln.w, m.embed_ln.b, R, E, x);
+    }
+  }
+}
+
+bool usable(const Tensor& rep, const std::vector<std::vector<Tensor>>& blocks) {
+  if (!supported() || !rep.is_cpu() || rep.scalar_type() != at::kFloat) return false;
+  for (const auto& parts : blocks) {
+    for (const auto& t : parts) {
+      if (!t.is_cpu() || t.scalar_type() != at::kFloat) return false;
+    }
+    if (!parts[kNumWeights + 1].is_contiguous() || !parts[kNumWeights + 2].is_contiguous()) return false;
+  }
+  return true;
+}
+
+std::tuple<Tensor, Tensor> decode(const Tensor& rep_in, const std::vector<std::vector<Tensor>>& blocks,
+                                  const std::vector<Tensor>& head, const Tensor& start,
+                                  const std::optional<Tensor>& tokens, const std::vector<Tensor>& embed,
+                                  const std::optional<Tensor>& offset, int64_t n_head, bool pre_norm) {
+  const Tensor rep = rep_in.contiguous();
+  FastModel m;
+  m.B = rep.size(0), m.N = rep.size(1), m.E = rep.size(2), m.H = n_head, m.D = m.E / n_head;
+  m.pre_norm = pre_norm;
+  m.discrete = tokens.has_value();
+  m.rep = rep.data_ptr<float>();
+  const Tensor start_rows = start.contiguous();
+  m.start = start_rows.data_ptr<float>();
+  auto norm = [](const Tensor& w, const Tensor& b) { return Norm{w.data_ptr<float>(), b.data_ptr<float>()}; };
+  std::vector<Tensor> keep;  // contiguous copies that must outlive the loop
+  for (const auto& parts : blocks) {
+    std::vector<Tensor> w;
+    for (int k = 0; k < kNumWeights; ++k) w.push_back(parts[k].contiguous());
+    keep.insert(keep.end(), w.begin(), w.end());
+    FastBlock blk{Linear(w[kQkvW], w[kQkvB]),         Linear(w[kSelfProjW], w[kSelfProjB]),
+                  Linear(w[kCrossKvW], w[kCrossKvB]), Linear(w[kCrossProjW], w[kCrossProjB]),
+                  Linear(w[kFcW], w[kFcB]),           Linear(w[kProjW], w[kProjB]),
+                  norm(w[kLn1W], w[kLn1B]),           norm(w[kLn2W], w[kLn2B]),
+                  norm(w[kLn3W], w[kLn3B]),           parts[kNumWeights],
+                  parts[kNumWeights + 1].data_ptr<float>(), parts[kNumWeights + 2].data_ptr<float>()};
+    if (blk.cross_q.stride(3) != 1) blk.cross_q = blk.cross_q.contiguous();
+    m.hidden = blk.fc.O;
+    m.blocks.push_back(std::move(blk));
+  }
+  std::vector<Tensor> h;
+  for (const auto& t : head) h.push_back(t.contiguous());
+  keep.insert(keep.end(), h.begin(), h.end());
+  m.head_fc = Linear(h[0], h[1]);
+  m.head_ln = norm(h[2], h[3]);
+  m.head_out = Linear(h[4], h[5]);
+  m.A = m.head_out.O;
+  m.has_final_ln = h.size() == 8;
+  if (m.has_final_ln) m.final_ln = norm(h[6], h[7]);
+  Tensor token_rows, offset_rows;
+  if (m.discrete) {
+    token_rows = tokens->contiguous();
+    m.tokens = token_rows.data_ptr<float>();
+  } else {
+    std::vector<Tensor> e;
+    for (const auto& t : embed) e.push_back(t.contiguous());
+    keep.insert(keep.end(), e.begin(), e.end());
+    m.embed = Linear(e[0], e[1]);
+    m.embed_ln = norm(e[2], e[3]);
+  }
+  if (offset.has_value()) offset_rows = offset->contiguous();
+  m.offset = offset.has_value() ? offset_rows.data_ptr<float>() : nullptr;
+  TORCH_CHECK(!m.discrete || m.offset != nullptr, "decode: discrete actions need the offset (mask) tensor");
+  Tensor outs = at::empty({m.B, m.N, m.A}, rep.options());
+  Tensor actions = m.discrete ? at::empty({m.B, m.N}, rep.options().dtype(at::kLong)) : at::empty({m.B, m.N, m.A}, rep.options());
+  m.outs = outs.data_ptr<float>();
+  m.action_ids = m.discrete ? actions.data_ptr<int64_t>() : nullptr;
+  m.action_values = m.discrete ? nullptr : actions.data_ptr<float>();
+  // Each thread decodes its own rows for every agent; 4 rows at least, the height of a matmul tile.
+  at::parallel_for(0, m.B, 4, [&](int64_t b0, int64_t b1) { decode_rows(m, b0, b1); });
+  return {outs, actions};
+}
+
+#else
+
+bool supported() { return false; }
+bool usable(const Tensor&, const std::vector<std::vector<Tensor>>&) { return false; }
+std::tuple<Tensor, Tensor> decode(const Tensor&, const std::vector<std::vector<Tensor>>&, const std::vector<Tensor>&,
+                                  const Tensor&, const std::optional<Tensor>&, const std::vector<Tensor>&,
+                                  const std::optional<Tensor>&, int64_t, bool) {
+  TORCH_CHECK(false, "decode: the fused CPU loop needs an x86-64 build");
+}
+
+#endif
+
+}  // namespace fast
+
+bool fast_supported() { return fast::supported(); }
+
 // blocks: per block [18 weights..., cross_q, self_kv, cross_kv] (see Weight).
 // head: [fc_w, fc_b, ln_w, ln_b, out_w, out_b] (+ [final_ln_w, final_ln_b] with pre-LayerNorm).
 // start (B, E): the first decoder token. Discrete: tokens (A, E) the embedded action tokens, offset
 // (B, N, A) the masked Gumbel noise (or the mask alone when greedy). Continuous: tokens None, embed
 // [w, b, ln_w, ln_b] of the action embedding, offset (B, N, A) std * noise or None when greedy.
+// fused: use the fused CPU loop (namespace fast) where it applies; false forces the ATen step (tests).
 // Returns policy outputs (B, N, A) and actions (B, N) int64 or (B, N, A).
 std::tuple<Tensor, Tensor> decode(const Tensor& rep, const std::vector<std::vector<Tensor>>& blocks,
                                   const std::vector<Tensor>& head, const Tensor& start,
                                   const std::optional<Tensor>& tokens, const std::vector<Tensor>& embed,
-                                  const std::optional<Tensor>& offset, int64_t n_head, bool pre_norm) {
+                                  const std::optional<Tensor>& offset, int64_t n_head, bool pre_norm, bool fused) {
   at::NoGradGuard no_grad;
+  if (fused && fast::usable(rep, blocks)) {
+    return fast::decode(rep, blocks, head, start, tokens, embed, offset, n_head, pre_norm);
+  }
   const int64_t B = rep.size(0), N = rep.size(1), E = rep.size(2), H = n_head, D = E / H;
   // Weight matrices transposed once (views), so each Linear is one addmm: bias + x @ W^T.
   auto linear = [](const Tensor& x, const Tensor& wt, const Tensor& b) { return at::addmm(b, x, wt); };
@@ -232,5 +710,7 @@ std::tuple<Tensor, Tensor> decode(const Tensor& rep, const std::vector<std::vect
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode", &decode, "MAT's cached decode loop (see seqmarl/nn/mat.py)");
+  m.def("fused_available", [] { return SEQMARL_FAST_DECODE && fast_supported(); },
+        "whether decode's fused CPU loop runs on this machine (x86-64 with AVX2 and FMA)");
   m.def("attend_one", &attend_one, "attention of one query per (batch, head): q (B, H, 1, D), k, v (B, H, L, D)");
 }
