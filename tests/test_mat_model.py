@@ -248,3 +248,30 @@ def test_cpp_single_query_attention_matches_torch(keys):
     k, v = cache[:, :, :keys], cache.flip(2)[:, :, :keys].contiguous()
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(extension.attend_one(q, k, v), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the C++ decode step cannot be built here")
+@pytest.mark.parametrize("space_name", SPACES)
+@pytest.mark.parametrize("B, N", [(1, 1), (5, 3), (9, 30)])
+def test_cpp_decode_with_widths_off_the_vector_size(space_name, B, N):
+    """Widths that are not multiples of 8 floats (E = 36 with 3 heads of 12, 2 blocks; E = 20 with
+    pre-LayerNorm), one action dimension, a single env and agent: the vector kernels' remainder paths
+    give the Python loop's actions and log-probs."""
+    space = DiscreteActions(3) if space_name == "discrete" else ContinuousActions(1, (-1.0,), (1.0,))
+    for config in (MATConfig(n_embd=36, n_head=3, n_block=2), MATConfig(n_embd=20, n_head=2, pre_norm=True)):
+        torch.manual_seed(N)
+        model = MultiAgentTransformer(config, EnvSpec("test", N, 7, 7, space, 100, False))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        obs = torch.randn(B, N, 7)
+        mask = torch.rand(B, N, space.mask_width) > 0.3
+        mask[..., 0] = True
+        results = {}
+        for mode in ("cpp", "python"):
+            model.config = dataclasses.replace(model.config, decode=mode)
+            results[mode] = model.act(obs, mask, False, torch.Generator().manual_seed(1))
+        if space_name == "discrete":
+            assert torch.equal(results["cpp"].actions, results["python"].actions)
+        torch.testing.assert_close(results["cpp"].actions, results["python"].actions, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(results["cpp"].log_prob, results["python"].log_prob, atol=1e-5, rtol=1e-5)
