@@ -87,7 +87,7 @@ def bench_row(
         model.config = dataclasses.replace(model.config, decode=decode_mode)
         same = act(True).actions
         row["python_same_actions"] = bool((same - python_actions).abs().max() <= TOLERANCE)
-    if decode_mode == "cpp" and cpp_decode.extension("cpp").fused_available():
+    if decode_mode == "cpp" and cpp_decode.use_fused_loop and cpp_decode.extension("cpp").fused_available():
         # the C++ loop of ATen ops, which the fused CPU loop replaces where the CPU has AVX2/FMA
         cpp_decode.use_fused_loop = False
         try:
