@@ -18,11 +18,12 @@ CONFIGS = {
 }
 
 
-def make(space_name: str, config_name: str, N: int = 5, B: int = 6, seed: int = 0):
+def make(space_name: str, config_name: str, N=5, B=6, seed=0, *, space=None, config=None):
+    """A model with perturbed weights, observations and a mask; `space`/`config` replace the named ones."""
     torch.manual_seed(seed)
-    space = SPACES[space_name]
+    space = space or SPACES[space_name]
     spec = EnvSpec("test", N, 11, 9, space, 100, False)
-    model = MultiAgentTransformer(CONFIGS[config_name], spec)
+    model = MultiAgentTransformer(config or CONFIGS[config_name], spec)
     # Perturb every parameter: the reference's tiny init gains make outputs nearly constant, which
     # would let a broken decoder pass these tests.
     with torch.no_grad():
@@ -157,6 +158,25 @@ def test_cached_act_matches_uncached_act_for_the_same_draws(space_name, config_n
 HAS_COMPILER = any(shutil.which(cc) for cc in ("c++", "g++", "clang++"))
 
 
+def act_with_each_loop(model, obs, mask, deterministic: bool, seed: int) -> dict:
+    """`act` with the C++ and with the Python cached loop, the same draws for both."""
+    results = {}
+    for mode in ("cpp", "python"):
+        model.config = dataclasses.replace(model.config, decode=mode)
+        results[mode] = model.act(obs, mask, deterministic, torch.Generator().manual_seed(seed))
+    return results
+
+
+def assert_same_decode(results: dict, discrete: bool) -> None:
+    """Same discrete actions; continuous actions and log-probs within float32 rounding (the tolerance of
+    the act-vs-evaluate test)."""
+    cpp, python = results["cpp"], results["python"]
+    if discrete:
+        assert torch.equal(cpp.actions, python.actions)
+    torch.testing.assert_close(cpp.actions, python.actions, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cpp.log_prob, python.log_prob, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the C++ decode step cannot be built here")
 @pytest.mark.parametrize("config_name", CONFIGS)
 @pytest.mark.parametrize("space_name", SPACES)
@@ -171,14 +191,7 @@ def test_cpp_decode_gives_the_python_decode_results(space_name, config_name, fus
     assert cpp_decode.extension("cpp") is not None
     monkeypatch.setattr(cpp_decode, "use_fused_loop", fused)
     for deterministic in (False, True):
-        results = {}
-        for mode in ("cpp", "python"):
-            model.config = dataclasses.replace(model.config, decode=mode)
-            results[mode] = model.act(obs, mask, deterministic, torch.Generator().manual_seed(3))
-        if space_name == "discrete":
-            assert torch.equal(results["cpp"].actions, results["python"].actions)
-        torch.testing.assert_close(results["cpp"].actions, results["python"].actions, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(results["cpp"].log_prob, results["python"].log_prob, atol=1e-5, rtol=1e-5)
+        assert_same_decode(act_with_each_loop(model, obs, mask, deterministic, 3), space_name == "discrete")
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the C++ decode step cannot be built here")
@@ -196,10 +209,7 @@ def test_fused_cpp_decode_is_as_exact_as_the_other_loops(space_name, threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        results = {}
-        for mode in ("cpp", "python"):
-            model.config = dataclasses.replace(model.config, decode=mode)
-            results[mode] = model.act(obs, mask, False, torch.Generator().manual_seed(5))
+        results = act_with_each_loop(model, obs, mask, False, 5)
     finally:
         torch.set_num_threads(previous)
     if space_name == "discrete":
@@ -259,19 +269,5 @@ def test_cpp_decode_with_widths_off_the_vector_size(space_name, B, N):
     give the Python loop's actions and log-probs."""
     space = DiscreteActions(3) if space_name == "discrete" else ContinuousActions(1, (-1.0,), (1.0,))
     for config in (MATConfig(n_embd=36, n_head=3, n_block=2), MATConfig(n_embd=20, n_head=2, pre_norm=True)):
-        torch.manual_seed(N)
-        model = MultiAgentTransformer(config, EnvSpec("test", N, 7, 7, space, 100, False))
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.3 * torch.randn_like(p))
-        obs = torch.randn(B, N, 7)
-        mask = torch.rand(B, N, space.mask_width) > 0.3
-        mask[..., 0] = True
-        results = {}
-        for mode in ("cpp", "python"):
-            model.config = dataclasses.replace(model.config, decode=mode)
-            results[mode] = model.act(obs, mask, False, torch.Generator().manual_seed(1))
-        if space_name == "discrete":
-            assert torch.equal(results["cpp"].actions, results["python"].actions)
-        torch.testing.assert_close(results["cpp"].actions, results["python"].actions, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(results["cpp"].log_prob, results["python"].log_prob, atol=1e-5, rtol=1e-5)
+        model, obs, mask = make(space_name, "", N, B, seed=N, space=space, config=config)
+        assert_same_decode(act_with_each_loop(model, obs, mask, False, 1), space_name == "discrete")
