@@ -24,6 +24,7 @@ BAD_INPUTS = [
     (["train", "--env", "smax:3m", "--device", "cuda:7", "--steps", "100"], "device"),
     (["eval", "/nonexistent/run"], "does not exist"),
     (["plot", "/nonexistent/run"], "not a run directory"),
+    (["select", "/nonexistent/run"], "no checkpoints"),
     (["launch"], "invalid choice: 'launch'"),
     (["train", "--algo", "qmix", "--env", "mamujoco:HalfCheetah-6x1"], "qmix supports discrete actions only"),
     (["train", "--algo", "qmix", "--set", "qmix.td_lambda=2"], "qmix.td_lambda must be in [0, 1]"),
@@ -79,6 +80,8 @@ def test_train_eval_plot_smoke(env, steps, tmp_path, capsys, monkeypatch):
         "run.eval_episodes=2",
         "--set",
         "ppo.epochs=2",
+        "--set",
+        f"run.checkpoint_every={int(steps) // 4}",  # several checkpoints for `seqmarl select`
     ]
     if env.startswith("mamujoco"):
         argv += ["--set", "ppo.num_minibatches=2"]
@@ -112,6 +115,47 @@ def test_train_eval_plot_smoke(env, steps, tmp_path, capsys, monkeypatch):
         assert all(0 <= alive <= 3 for alive in episodes["survivors"])
     assert main(["plot", str(run_dir), "--out", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+    # select: every kept checkpoint scored on one set of episodes, the best re-scored on fresh ones
+    kept = sorted(int(p.stem.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*.pt"))
+    assert len(kept) == 3  # run.keep_checkpoints
+    select = [
+        "select",
+        str(run_dir),
+        "--episodes",
+        "2",
+        "--test-episodes",
+        "3",
+        "--json",
+        str(tmp_path / "s.json"),
+    ]
+    assert main(select) == 0
+    chosen = json.loads((tmp_path / "s.json").read_text())
+    scores = {int(step): score for step, score in chosen["selection"]["scores"].items()}
+    assert sorted(scores) == kept
+    assert chosen["chosen_step"] == max(kept, key=lambda step: (scores[step], step))
+    assert chosen["selection_score"] == scores[chosen["chosen_step"]]
+    assert len(chosen["test"]["episodes"]["win"]) == 3 and chosen["test"]["eval_seed"] == 2026
+    # the check is an ordinary evaluation of the chosen checkpoint on the test seed
+    assert (
+        main(
+            [
+                "eval",
+                chosen["chosen_checkpoint"],
+                "--episodes",
+                "3",
+                "--seed",
+                "2026",
+                "--json",
+                str(tmp_path / "t.json"),
+            ]
+        )
+        == 0
+    )
+    assert json.loads((tmp_path / "t.json").read_text())["episodes"] == chosen["test"]["episodes"]
+    capsys.readouterr()
+    assert main(select + ["--test-seed", "777"]) == 2
+    assert "--test-seed must differ from --seed" in capsys.readouterr().err
 
     # the same run directory is refused rather than overwritten
     assert main(argv) == 2

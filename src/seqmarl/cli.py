@@ -1,4 +1,4 @@
-"""`seqmarl train | eval | plot | report | benchmark`.
+"""`seqmarl train | eval | select | plot | report | benchmark`.
 
 User errors are printed as one line and exit with code 2.
 """
@@ -64,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--stochastic", action="store_true", help="sample actions instead of greedy/mean")
     evaluate.add_argument("--json", type=Path, help="also write per-episode results to this JSON file")
+
+    select = commands.add_parser(
+        "select",
+        help="evaluate every kept checkpoint of a run, choose the best, check it on fresh episodes",
+    )
+    select.add_argument("run_dir", type=Path)
+    select.add_argument("--episodes", type=int, default=320, help="episodes per checkpoint for the choice")
+    select.add_argument("--seed", type=int, default=777, help="evaluation seed of the choice")
+    select.add_argument("--test-episodes", type=int, default=640, help="episodes of the held-out check")
+    select.add_argument("--test-seed", type=int, default=2026, help="evaluation seed of the check")
+    select.add_argument("--device", default="auto")
+    select.add_argument("--json", type=Path, help="write every score and the check's episodes here")
 
     plot = commands.add_parser("plot", help="learning curves of run directories")
     plot.add_argument("run_dirs", nargs="+", type=Path)
@@ -233,54 +245,44 @@ def _saved_config(run_dir: Path) -> dict[str, Any]:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    import torch
-
-    from seqmarl.algos import make_algorithm
-    from seqmarl.checkpoint import load_checkpoint
-    from seqmarl.config import config_from_dict
-    from seqmarl.envs.registry import make_vector_env
-    from seqmarl.evaluate import evaluate
+    from seqmarl.evaluate import evaluate_checkpoint
     from seqmarl.runinfo import select_device
 
     if args.episodes < 1:
         raise UserError("--episodes must be >= 1")
-    payload = load_checkpoint(args.checkpoint)
-    config = config_from_dict(payload["config"])
-    device = select_device(args.device)
-    envs = make_vector_env(config.env.name, min(config.env.eval_envs, args.episodes), seed=args.seed)
-    algorithm = make_algorithm(config.algo, envs.spec, config, device)
-    algorithm.load_state_dict(payload["algorithm"])
-    with torch.no_grad():
-        stats = evaluate(envs, algorithm, args.episodes, args.seed, device, deterministic=not args.stochastic)
-    summary = stats.summary("eval", envs.spec.has_win)
+    result = evaluate_checkpoint(
+        args.checkpoint,
+        args.episodes,
+        args.seed,
+        select_device(args.device),
+        deterministic=not args.stochastic,
+    )
     mode = "stochastic" if args.stochastic else "deterministic"
-    print(f"{config.algo} on {config.env.name}, step {payload['step']:,}, {args.episodes} {mode} episodes:")
-    for name, value in summary.items():
+    print(f"{result.algo} on {result.env}, step {result.step:,}, {args.episodes} {mode} episodes:")
+    for name, value in result.summary().items():
         print(f"  {name}: {value:.3f}")
-    if envs.spec.has_win:
-        counts = stats.outcomes()
+    if result.has_win:
+        counts = result.stats.outcomes()
         print(
-            f"  lost {len(stats.wins) - counts['won']}: {counts['wiped_out']} with every agent dead, "
+            f"  lost {len(result.stats.wins) - counts['won']}: {counts['wiped_out']} with every agent dead, "
             f"{counts['timed_out']} at the time limit, {counts['other']} other"
         )
     if args.json is not None:
-        record = {
-            "checkpoint": str(args.checkpoint),
-            "env": config.env.name,
-            "algo": config.algo,
-            "seed": config.run.seed,
-            "step": payload["step"],
-            "episodes": {
-                "episode_return": stats.returns,
-                "win": stats.wins,
-                "episode_length": stats.lengths,
-                "survivors": stats.survivors,
-                "timed_out": stats.timed_out,
-            },
-            **summary,
-        }
-        args.json.write_text(json.dumps(record, indent=2))
-    envs.close()
+        args.json.write_text(json.dumps(result.record(), indent=2))
+
+
+def _cmd_select(args: argparse.Namespace) -> None:
+    from seqmarl.evaluate import select_checkpoint
+    from seqmarl.runinfo import select_device
+
+    if min(args.episodes, args.test_episodes) < 1:
+        raise UserError("--episodes and --test-episodes must be >= 1")
+    print(f"selecting a checkpoint of {args.run_dir} (deterministic evaluation):")
+    selection = select_checkpoint(
+        args.run_dir, args.episodes, args.seed, args.test_episodes, args.test_seed, select_device(args.device)
+    )
+    if args.json is not None:
+        args.json.write_text(json.dumps(selection, indent=2))
 
 
 def _cmd_plot(args: argparse.Namespace) -> None:
@@ -300,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     if on_main_thread:  # a killed job saves a checkpoint like Ctrl-C; restored on return (main is reusable)
         previous_handler = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
-        commands = {"train": _cmd_train, "eval": _cmd_eval, "plot": _cmd_plot}
+        commands = {"train": _cmd_train, "eval": _cmd_eval, "select": _cmd_select, "plot": _cmd_plot}
         commands.update(report=_cmd_report, benchmark=_cmd_benchmark)
         commands[args.command](args)
     except UserError as e:
