@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import seqmarl
-from seqmarl.benchmark import plan_runs
+from seqmarl.benchmark import _stages, plan_runs
 from seqmarl.benchmark_spec import build_spec, parse_seeds
 from seqmarl.checkpoint import load_checkpoint
 from seqmarl.cli import main
@@ -70,6 +70,7 @@ BAD_SPECS = [
     ({"steps": "lots"}, "steps: expected a positive integer"),
     ({"steps": {"smax:8m": 100}}, "steps: per-task budgets must name exactly the envs"),
     ({"eval": {"every": 10, "often": 2}}, "eval: expected a mapping with keys"),
+    ({"eval": {"absolute_checkpoint": "first"}}, "eval.absolute_checkpoint: expected best or last"),
     ({"set": {"ppo.lrr": 1}}, None),  # the key is checked by `seqmarl train`, not here
     ({"thresholds": {"smax:8m": 0.9}}, "thresholds: expected a mapping ENV: VALUE"),
     ({"exclude": ["smax:3m qmix"]}, "exclude: expected 'ENV ALGO'"),
@@ -132,6 +133,23 @@ def test_run_states_from_the_run_directory(tmp_path):
     assert run.state() == "evaluate"
     (run.run_dir / "absolute.json").write_text("{}")
     assert run.state() == "finished"
+
+
+@pytest.mark.parametrize("which", ["best", "last"])
+def test_absolute_evaluation_of_the_chosen_checkpoint(which, tmp_path):
+    spec = build_spec(_tiny_spec(tmp_path, eval={"episodes": 2, "absolute_checkpoint": which}))
+    run = plan_runs(spec)[0]
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "config.yaml").write_text("run: {eval_episodes: 2}\n")
+    (run.run_dir / "result.json").write_text("{}")
+    (run.run_dir / "best.pt").write_bytes(b"")
+    (absolute,) = _stages(run, spec)  # trained: only the absolute evaluation is left
+    argv = absolute()
+    target = argv[argv.index("eval") + 1]
+    assert target == str(
+        run.run_dir / "best.pt" if which == "best" else run.run_dir
+    )  # dir = newest checkpoint
+    assert argv[argv.index("--episodes") + 1] == "20"  # absolute_factor 10 (default) x 2
 
 
 def test_a_run_directory_from_another_spec_is_refused(tmp_path, capsys):

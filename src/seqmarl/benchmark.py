@@ -2,8 +2,9 @@
 
 A benchmark is a spec (YAML file and/or flags) expanded into runs. Each run lives in
 OUT/<family>/<task>/<algo>/seed<k>/ and is finished when it holds result.json (training, from
-`seqmarl train`) and absolute.json (the final evaluation of best.pt with `absolute_factor` x the
-periodic evaluation's episodes, from `seqmarl eval`). Re-running the same command looks at every run
+`seqmarl train`) and absolute.json (the final evaluation of best.pt, or of the last checkpoint with
+`eval: {absolute_checkpoint: last}`, with `absolute_factor` x the periodic evaluation's episodes, from
+`seqmarl eval`). Re-running the same command looks at every run
 directory and does only what is missing:
 
     result.json + absolute.json   -> skipped
@@ -129,7 +130,8 @@ def _stages(run: Run, spec: BenchmarkSpec) -> list[Any]:
 
         def absolute() -> list[str]:
             best = run.run_dir / "best.pt"
-            target = best if best.is_file() else run.run_dir  # runs trained before best.pt existed
+            use_best = spec.eval.absolute_checkpoint == "best" and best.is_file()  # (older runs have none)
+            target = best if use_best else run.run_dir  # a run directory means its newest checkpoint
             episodes = _absolute_episodes(run, spec.eval.absolute_factor)
             args = ["eval", str(target), "--episodes", str(episodes), "--seed", str(ABSOLUTE_EVAL_SEED)]
             return _command([*args, "--json", str(run.run_dir / "absolute.json")])

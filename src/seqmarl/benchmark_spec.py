@@ -28,17 +28,19 @@ SPEC_KEYS = (
     "eval",
     "thresholds",
 )
-EVAL_KEYS = ("every", "episodes", "absolute_factor")
+EVAL_KEYS = ("every", "episodes", "absolute_factor", "absolute_checkpoint")
 
 
 @dataclass(frozen=True)
 class EvalProtocol:
     """Every `every` env steps, `episodes` deterministic episodes; at the end `absolute_factor` x as many
-    on the best checkpoint. None = the task preset's value (SMAX: 50k / 32, MaMuJoCo: 100k / 10)."""
+    on `absolute_checkpoint`: "best" (best.pt, the best periodic evaluation's) or "last" (the final
+    checkpoint). None = the task preset's value (SMAX: 50k / 32, MaMuJoCo: 100k / 10)."""
 
     every: int | None = None
     episodes: int | None = None
     absolute_factor: int = 10
+    absolute_checkpoint: str = "best"
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,12 @@ def build_spec(data: dict[str, Any]) -> BenchmarkSpec:
         every=_positive_int(protocol["every"], "eval.every") if "every" in protocol else None,
         episodes=_positive_int(protocol["episodes"], "eval.episodes") if "episodes" in protocol else None,
         absolute_factor=_positive_int(protocol.get("absolute_factor", 10), "eval.absolute_factor"),
+        absolute_checkpoint=protocol.get("absolute_checkpoint", "best"),
     )
+    if eval_protocol.absolute_checkpoint not in ("best", "last"):
+        raise UserError(
+            f"eval.absolute_checkpoint: expected best or last, got {eval_protocol.absolute_checkpoint!r}"
+        )
     exclude = set()
     for item in data.get("exclude") or []:
         env, _, algo = str(item).strip().partition(" ")
