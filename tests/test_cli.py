@@ -95,6 +95,8 @@ def test_train_eval_plot_smoke(env, steps, tmp_path, capsys, monkeypatch):
     with open(run_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert int(rows[-1]["step"]) == int(steps)
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["decode_loop"] in ("python", "cpp-aten", "cpp-fused")  # MAT says which loop acted
     assert rows[-1]["losses/value_loss"] != ""
 
     assert main(["eval", str(run_dir), "--episodes", "2"]) == 0

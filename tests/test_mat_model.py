@@ -195,6 +195,19 @@ def test_cpp_decode_gives_the_python_decode_results(space_name, config_name, fus
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the C++ decode step cannot be built here")
+def test_the_acting_decode_loop_is_named(monkeypatch):
+    """meta.json records which loop acts (they round differently): the mode, the fused switch, the CPU
+    and the device decide it."""
+    cpu = torch.device("cpu")
+    assert cpp_decode.loop_name("python", cpu) == "python"
+    fused_here = cpp_decode.extension("cpp").fused_available()
+    assert cpp_decode.loop_name("cpp", cpu) == ("cpp-fused" if fused_here else "cpp-aten")
+    assert cpp_decode.loop_name("cpp", torch.device("cuda")) == "cpp-aten"  # the fused loop is CPU-only
+    monkeypatch.setattr(cpp_decode, "use_fused_loop", False)
+    assert cpp_decode.loop_name("auto", cpu) == "cpp-aten"
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the C++ decode step cannot be built here")
 @pytest.mark.parametrize("space_name", SPACES)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fused_cpp_decode_is_as_exact_as_the_other_loops(space_name, threads):

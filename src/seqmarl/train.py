@@ -157,6 +157,8 @@ def _run(config: TrainConfig, run_dir: Path, checkpoint: dict[str, Any] | None) 
 
     write_text_atomically(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     meta = {**machine_description(), "env": spec.name, "algo": config.algo, "seed": run.seed}
+    if hasattr(algorithm, "provenance"):  # e.g. MAT: which decode loop acted
+        meta.update(algorithm.provenance())
     if checkpoint is not None:  # provenance of every segment of a resumed run
         previous = json.loads((run_dir / "meta.json").read_text())
         resumes = previous.get("resumes", []) + [{**meta, "from_step": checkpoint["step"]}]

@@ -12,6 +12,7 @@ import torch
 from seqmarl.algos.base import PPOAlgorithm
 from seqmarl.buffer import RolloutBatch
 from seqmarl.config import PPOConfig
+from seqmarl.nn import cpp_decode
 from seqmarl.nn.mat import MATConfig, MultiAgentTransformer
 from seqmarl.types import ActOutput, EnvSpec, EvalOutput
 
@@ -22,6 +23,10 @@ class MATAlgorithm(PPOAlgorithm):
 
     def __init__(self, spec: EnvSpec, model_config: MATConfig, ppo: PPOConfig, device: torch.device):
         super().__init__(spec, ppo, device, MultiAgentTransformer(model_config, spec))
+
+    def provenance(self) -> dict[str, str]:
+        """Written into meta.json: which cached decode loop acts (they round differently)."""
+        return {"decode_loop": cpp_decode.loop_name(self.model.config.decode, self.device)}
 
     def _act(self, obs, state, mask, deterministic) -> ActOutput:  # the global state is not used
         return self.model.act(obs, mask, deterministic)

@@ -23,6 +23,8 @@ import threading
 from importlib import resources
 from types import ModuleType
 
+import torch
+
 from seqmarl.errors import UserError
 
 MODES = ("auto", "cpp", "python")
@@ -77,6 +79,17 @@ def check_mode(mode: str) -> None:
     """A `model.decode` value that is not one of MODES is a user error (MATConfig checks it too)."""
     if mode not in MODES:
         raise UserError(f"model.decode must be one of {', '.join(MODES)}, got {mode!r}")
+
+
+def loop_name(mode: str, device: torch.device) -> str:
+    """Which cached decode loop acts for float32 weights on `device`: "python", "cpp-aten" or
+    "cpp-fused". The three round differently, so run directories record it (meta.json)."""
+    module = extension(mode)
+    if module is None:
+        return "python"
+    if device.type == "cpu" and use_fused_loop and module.fused_available():
+        return "cpp-fused"
+    return "cpp-aten"
 
 
 def extension(mode: str) -> ModuleType | None:
