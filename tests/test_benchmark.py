@@ -163,6 +163,28 @@ def test_a_run_directory_from_another_spec_is_refused(tmp_path, capsys):
     assert "was made with other settings" in capsys.readouterr().err
 
 
+def test_a_slice_of_a_spec_file_drops_what_does_not_apply(tmp_path, capsys):
+    """--envs/--algos on a spec file: its excludes, thresholds and per-env budgets naming other envs or
+    algos are dropped (they were errors before); a typo in the file itself is still an error."""
+    spec = _tiny_spec(
+        tmp_path,
+        envs=["smax:3m", "smax:2s3z"],
+        algos=["mat", "mappo", "qmix"],
+        exclude=["smax:2s3z qmix"],
+        thresholds={"smax:3m": 0.9, "smax:2s3z": 0.9},
+        steps={"smax:3m": 120, "smax:2s3z": 240},
+    )
+    path = _write(tmp_path / "spec.yaml", spec)
+    assert main(["benchmark", str(path), "--envs", "smax:2s3z", "--algos", "mat,mappo", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "4 runs (2 algos x 1 envs x 2 seeds)" in out and "--steps 240" in out
+    assert main(["benchmark", str(path), "--algos", "qmix", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "smax:3m qmix seed0" in out and "smax:2s3z qmix" not in out  # the exclude still applies
+    spec["exclude"] = ["smax:8m qmix"]
+    assert main(["benchmark", str(_write(tmp_path / "typo.yaml", spec)), "--dry-run"]) == 2
+
+
 def test_shipped_specs_plan(capsys):
     assert main(["benchmark", str(SPECS / "smax_suite.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out

@@ -121,6 +121,24 @@ def _steps(value: Any, envs: tuple[str, ...]) -> dict[str, int]:
     return {env: _positive_int(value, "steps") for env in envs}
 
 
+def drop_unselected(data: dict[str, Any]) -> dict[str, Any]:
+    """A spec file whose envs/algos were replaced on the command line (a slice: `--envs smax:2s3z`): its
+    excludes, thresholds and per-env budgets for envs or algos outside the slice no longer apply, so they
+    are dropped instead of being reported as errors. Everything else is still checked by build_spec."""
+    envs = set(_names(data.get("envs"), "envs"))
+    algos = set(_names(data.get("algos"), "algos"))
+    data = dict(data)
+    if isinstance(data.get("exclude"), list):
+        pairs = [str(item).strip().partition(" ") for item in data["exclude"]]
+        data["exclude"] = [
+            f"{env} {algo.strip()}" for env, _, algo in pairs if env in envs and algo.strip() in algos
+        ]
+    for key in ("thresholds", "steps"):
+        if isinstance(data.get(key), dict):
+            data[key] = {env: value for env, value in data[key].items() if env in envs}
+    return data
+
+
 def build_spec(data: dict[str, Any]) -> BenchmarkSpec:
     """Validate a spec mapping (from YAML, with command-line flags merged in) into a BenchmarkSpec."""
     from seqmarl.algos import algorithm_names

@@ -135,7 +135,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 def _cmd_benchmark(args: argparse.Namespace) -> None:
     from seqmarl.benchmark import plan_runs, run_benchmark
-    from seqmarl.benchmark_spec import build_spec, load_spec_file
+    from seqmarl.benchmark_spec import build_spec, drop_unselected, load_spec_file
     from seqmarl.config import parse_assignment
     from seqmarl.report import write_report
 
@@ -147,6 +147,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> None:
         parse_assignment(assignment)
         key, _, value = assignment.partition("=")
         data["set"] = {**(data.get("set") or {}), key.strip(): value}
+    if args.spec is not None and (args.envs is not None or args.algos is not None):
+        data = drop_unselected(data)  # a slice of the file's benchmark
     spec = build_spec(data)
     failed = run_benchmark(spec, "seqmarl " + shlex.join(args.argv), args.dry_run)
     if failed:
