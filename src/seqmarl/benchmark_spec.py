@@ -121,6 +121,12 @@ def _steps(value: Any, envs: tuple[str, ...]) -> dict[str, int]:
     return {env: _positive_int(value, "steps") for env in envs}
 
 
+def _exclude_pair(item: Any) -> tuple[str, str]:
+    """'ENV ALGO' -> (ENV, ALGO)."""
+    env, _, algo = str(item).strip().partition(" ")
+    return env, algo.strip()
+
+
 def drop_unselected(data: dict[str, Any]) -> dict[str, Any]:
     """A spec file whose envs/algos were replaced on the command line (a slice: `--envs smax:2s3z`): its
     excludes, thresholds and per-env budgets for envs or algos outside the slice no longer apply, so they
@@ -129,10 +135,8 @@ def drop_unselected(data: dict[str, Any]) -> dict[str, Any]:
     algos = set(_names(data.get("algos"), "algos"))
     data = dict(data)
     if isinstance(data.get("exclude"), list):
-        pairs = [str(item).strip().partition(" ") for item in data["exclude"]]
-        data["exclude"] = [
-            f"{env} {algo.strip()}" for env, _, algo in pairs if env in envs and algo.strip() in algos
-        ]
+        pairs = [_exclude_pair(item) for item in data["exclude"]]
+        data["exclude"] = [f"{env} {algo}" for env, algo in pairs if env in envs and algo in algos]
     for key in ("thresholds", "steps"):
         if isinstance(data.get(key), dict):
             data[key] = {env: value for env, value in data[key].items() if env in envs}
@@ -179,12 +183,12 @@ def build_spec(data: dict[str, Any]) -> BenchmarkSpec:
         )
     exclude = set()
     for item in data.get("exclude") or []:
-        env, _, algo = str(item).strip().partition(" ")
-        if env not in envs or algo.strip() not in algos:
+        env, algo = _exclude_pair(item)
+        if env not in envs or algo not in algos:
             raise UserError(
                 f"exclude: expected 'ENV ALGO' with ENV among envs and ALGO among algos, got {item!r}"
             )
-        exclude.add((env, algo.strip()))
+        exclude.add((env, algo))
     thresholds = data.get("thresholds") or {}
     if not isinstance(thresholds, dict) or set(thresholds) - set(envs):
         raise UserError(f"thresholds: expected a mapping ENV: VALUE over the spec's envs, got {thresholds!r}")

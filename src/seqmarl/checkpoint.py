@@ -68,6 +68,12 @@ def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep: i
     return path
 
 
+def checkpoint_files(path: Path) -> list[Path]:
+    """The step_*.pt files of a run directory (in its checkpoints/ folder) or of a folder, oldest first."""
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    return sorted(folder.glob("step_*.pt"))
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
     found = sorted(directory.glob("step_*.pt"))
     return found[-1] if found else None
@@ -97,8 +103,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint file (verified), or the newest verified one of a run directory."""
     path = Path(path)
     if path.is_dir():
-        folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        candidates = sorted(folder.glob("step_*.pt"), reverse=True)
+        candidates = checkpoint_files(path)[::-1]
         if not candidates:
             raise UserError(f"no checkpoint found in {path}")
         for candidate in candidates:

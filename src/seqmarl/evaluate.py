@@ -82,10 +82,13 @@ class CheckpointEval:
         return self.stats.summary("eval", self.has_win)
 
     @property
-    def score(self) -> float:
+    def metric(self) -> str:
         """Win rate on battle tasks, mean return elsewhere: the number a checkpoint is ranked by."""
-        key = "eval/win_rate" if self.has_win else "eval/episodic_return"
-        return self.summary()[key]
+        return "eval/win_rate" if self.has_win else "eval/episodic_return"
+
+    @property
+    def score(self) -> float:
+        return self.summary()[self.metric]
 
     def record(self) -> dict[str, Any]:
         """The JSON of `seqmarl eval --json`: per-episode results and their summary."""
@@ -153,12 +156,12 @@ def select_checkpoint(
     episodes (`seed`), take the best (ties go to the later step), and evaluate that one again on fresh
     episodes (`test_seed`). The second score is the one to report: the first is biased upwards by the
     choice itself (the best of K noisy scores), the second is not."""
+    from seqmarl.checkpoint import checkpoint_files
     from seqmarl.errors import UserError
 
     run_dir = Path(run_dir)
-    folder = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
-    candidates = sorted(folder.glob("step_*.pt"))
-    if not run_dir.is_dir() or not candidates:
+    candidates = checkpoint_files(run_dir) if run_dir.is_dir() else []
+    if not candidates:
         raise UserError(f"no checkpoints (checkpoints/step_*.pt) in {run_dir}")
     if seed == test_seed:
         raise UserError(
@@ -177,7 +180,7 @@ def select_checkpoint(
     )
     return {
         "run": str(run_dir),
-        "metric": "eval/win_rate" if best.has_win else "eval/episodic_return",
+        "metric": best.metric,
         "selection": {
             "episodes": episodes,
             "eval_seed": seed,
