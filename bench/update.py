@@ -1,7 +1,13 @@
 """The PPO update of MAT: forward, loss, backward and Adam on 3200 samples x N agents, one minibatch,
 through `MATAlgorithm.update` (the trainer's own code path), against the matmul rate measured in this run.
 
-    python bench/update.py [--quick] [--json OUT] [--baseline FILE]
+    python bench/update.py [--quick] [--json OUT] [--baseline FILE] [--reference-src DIR]
+
+With `--reference-src DIR` (a checkout of PKU-MARL/Multi-Agent-Transformer, e.g. be3ff49) every row also
+times the reference's own update on the same batch in the same process: its `MultiAgentTransformer`
+(imported from DIR, not copied), its PPO loss as its `MATTrainer.ppo_update` computes it (SMAC settings:
+clip 0.05, Huber 10, value normaliser, active masks, entropy 0.01, grad clip 10, Adam 5e-4 / eps 1e-5),
+fed numpy arrays as its buffer does. The two updates alternate call by call, so load changes hit both.
 
 Model FLOPs per token are counted analytically from the config (bench/common.py states the formula);
 achieved GFLOP/s = FLOPs per token x tokens / time. Two matmul rates are measured in the same process:
@@ -13,7 +19,12 @@ The target (>= 70% of the matmul rate) is read against the model-shape rate; bot
 
 from __future__ import annotations
 
+import statistics
 import sys
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
 
 import common
 import torch
@@ -48,13 +59,95 @@ def synthetic_batch(samples: int, N: int, device: torch.device) -> RolloutBatch:
     return RolloutBatch(*(getattr(batch, f).to(device) for f in batch.__dataclass_fields__))
 
 
-def bench_row(N: int, samples: int, repeats: int, device: torch.device, square_rate: float) -> dict:
+def load_reference(src: Path) -> types.SimpleNamespace:
+    """The reference's model and value normaliser, imported from a checkout without running its
+    `mat/__init__.py` (which imports every simulator)."""
+    if not (src / "mat" / "algorithms" / "mat" / "algorithm" / "ma_transformer.py").is_file():
+        sys.exit(f"--reference-src {src}: not a checkout of PKU-MARL/Multi-Agent-Transformer")
+    package = types.ModuleType("mat")
+    package.__path__ = [str(src / "mat")]
+    sys.modules["mat"] = package
+    from mat.algorithms.mat.algorithm.ma_transformer import MultiAgentTransformer
+    from mat.utils.util import huber_loss
+    from mat.utils.valuenorm import ValueNorm
+
+    return types.SimpleNamespace(model=MultiAgentTransformer, value_norm=ValueNorm, huber=huber_loss)
+
+
+def reference_update(
+    ref: types.SimpleNamespace, batch: RolloutBatch, device: torch.device
+) -> Callable[[], None]:
+    """One update of the reference MAT on `batch`, written after its MATTrainer.ppo_update (SMAC
+    settings). Inputs go in as numpy arrays, as its buffer hands them over."""
+    S, N = batch.actions.shape
+    torch.manual_seed(0)
+    model = ref.model(OBS_DIM, OBS_DIM, ACTIONS, N, 1, 64, 1, device=device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-4, eps=1e-5)
+    value_norm = ref.value_norm(1, device=device)
+    obs, actions = batch.obs.cpu().numpy(), batch.actions.unsqueeze(-1).cpu().numpy()
+    available = batch.action_mask.float().cpu().numpy()
+    old_log_prob, old_value = batch.log_prob.unsqueeze(-1), batch.values.unsqueeze(-1)  # (S, N, 1)
+    advantages = batch.advantages[:, None, None].expand(S, N, 1)
+    returns = batch.returns[:, None].expand(S, N).reshape(-1, 1)  # the normaliser's (S*N, 1) layout
+    active = batch.alive.float().unsqueeze(-1)
+    clip = 0.05
+
+    def update() -> None:
+        log_prob, value, entropy = model(obs, obs, actions, available)
+        ratio = torch.exp(log_prob - old_log_prob)
+        surrogate = torch.min(ratio * advantages, torch.clamp(ratio, 1 - clip, 1 + clip) * advantages)
+        policy_loss = (-surrogate.sum(-1, keepdim=True) * active).sum() / active.sum()
+        value_norm.update(returns)
+        target = value_norm.normalize(returns).reshape(S, N, 1)
+        clipped = old_value + (value - old_value).clamp(-clip, clip)
+        value_loss = torch.max(ref.huber(target - value, 10.0), ref.huber(target - clipped, 10.0))
+        value_loss = (value_loss * active).sum() / active.sum()
+        loss = policy_loss - entropy.mean() * 0.01 + value_loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        optimizer.step()
+
+    return update
+
+
+def time_pair_ms(
+    ours: Callable[[], object], theirs: Callable[[], object], device: torch.device, repeats: int
+) -> tuple[float, float]:
+    """Median ms of each of two functions, called alternately (after two warm-up calls each)."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(repeats + 2):
+        for fn, out in ((ours, times[0]), (theirs, times[1])):
+            common.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            common.synchronize(device)
+            if i >= 2:
+                out.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def bench_row(
+    N: int,
+    samples: int,
+    repeats: int,
+    device: torch.device,
+    square_rate: float,
+    ref: types.SimpleNamespace | None = None,
+) -> dict:
     spec = EnvSpec("bench", N, OBS_DIM, OBS_DIM, DiscreteActions(ACTIONS), 100, False)
     torch.manual_seed(0)
     algorithm = MATAlgorithm(spec, MATConfig(), PPOConfig(epochs=1, num_minibatches=1), device)
     batch = synthetic_batch(samples, N, device)
     generator = torch.Generator().manual_seed(0)
-    update_ms = common.time_ms(lambda: algorithm.update(batch, 5e-4, generator), device, repeats, warmup=2)
+    ours = lambda: algorithm.update(batch, 5e-4, generator)  # noqa: E731
+    reference_same_run_ms = None
+    if ref is None:
+        update_ms = common.time_ms(ours, device, repeats, warmup=2)
+    else:
+        update_ms, reference_same_run_ms = time_pair_ms(
+            ours, reference_update(ref, batch, device), device, repeats
+        )
     tokens = samples * N
     flops_per_token = common.train_flops_per_token(common.ModelShape(N, OBS_DIM, ACTIONS, discrete=True))
     achieved = flops_per_token * tokens / (update_ms / 1e3) / 1e9
@@ -65,6 +158,8 @@ def bench_row(N: int, samples: int, repeats: int, device: torch.device, square_r
         "samples": samples,
         "update_ms": update_ms,
         "reference_ms": REFERENCE_UPDATE_MS.get(N) if samples == 3200 else None,
+        "reference_same_run_ms": reference_same_run_ms,
+        "ours_over_reference": update_ms / reference_same_run_ms if reference_same_run_ms else None,
         "tokens_per_s": tokens / (update_ms / 1e3),
         "mflops_per_token": flops_per_token / 1e6,
         "gflops": achieved,
@@ -80,6 +175,12 @@ def main() -> int:
     p.add_argument("--agents", type=int, nargs="+", default=[3, 10, 27, 64])
     p.add_argument("--samples", type=int, default=3200)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--reference-src",
+        type=Path,
+        metavar="DIR",
+        help="a checkout of PKU-MARL/Multi-Agent-Transformer: time its update beside ours, alternating",
+    )
     args = p.parse_args()
     if args.quick:
         args.agents, args.samples, args.repeats = [3], 64, 2
@@ -90,9 +191,10 @@ def main() -> int:
         f"{machine['threads']} threads, load {machine['load_average']}, commit {machine['commit']}"
     )
     square_rate = common.square_gflops(device, size=256 if args.quick else 2048)
+    ref = load_reference(args.reference_src) if args.reference_src else None
     rows = []
     for N in args.agents:
-        rows.append(bench_row(N, args.samples, args.repeats, device, square_rate))
+        rows.append(bench_row(N, args.samples, args.repeats, device, square_rate, ref))
         print(f"  {rows[-1]['name']}: {rows[-1]['update_ms']:.1f} ms", file=sys.stderr)
     common.print_table(
         rows,
@@ -101,6 +203,14 @@ def main() -> int:
             ("samples", "samples", "d"),
             ("update_ms", "update ms", ".1f"),
             ("reference_ms", "reference MAT ms (REFERENCE.md 4)", ".0f"),
+            *(
+                [
+                    ("reference_same_run_ms", "reference MAT ms, this run", ".1f"),
+                    ("ours_over_reference", "ours / reference", ".2f"),
+                ]
+                if ref
+                else []
+            ),
             ("tokens_per_s", "tokens/s", ",.0f"),
             ("mflops_per_token", "MFLOP/token (fwd+bwd)", ".3f"),
             ("gflops", "achieved GFLOP/s", ".1f"),

@@ -82,3 +82,12 @@ def test_before_after_script_runs_against_head(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     rows = json.loads(out.read_text())["rows"]
     assert rows and all(row["max_log_prob_diff"] < 1e-5 for row in rows)
+
+
+def test_update_refuses_a_reference_dir_that_is_not_the_reference_checkout(tmp_path):
+    # The side-by-side with the reference MAT needs a checkout of PKU-MARL/Multi-Agent-Transformer, which
+    # CI cannot fetch; a wrong directory must say so in one line, before any timing starts.
+    result = run_script("update.py", "--reference-src", str(tmp_path))
+    assert result.returncode != 0
+    assert "not a checkout of PKU-MARL/Multi-Agent-Transformer" in result.stderr
+    assert "Traceback" not in result.stderr
