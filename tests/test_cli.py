@@ -6,7 +6,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from seqmarl.checkpoint import checkpoint_files, load_checkpoint
 from seqmarl.cli import main
 
 BAD_INPUTS = [
@@ -159,8 +161,31 @@ def test_train_eval_plot_smoke(env, steps, tmp_path, capsys, monkeypatch):
     assert main(select + ["--test-seed", "777"]) == 2
     assert "--test-seed must differ from --seed" in capsys.readouterr().err
 
+    # average: the kept checkpoints' weights, averaged into one checkpoint that `seqmarl eval` reads
+    assert main(["average", str(run_dir), "--out", str(tmp_path / "avg.pt")]) == 0
+    assert_averaged(tmp_path / "avg.pt", run_dir, "model", kept)
+    assert main(["eval", str(tmp_path / "avg.pt"), "--episodes", "2"]) == 0
+    capsys.readouterr()
+    assert main(["average", str(run_dir), "--last", "4"]) == 2  # only 3 are kept
+    assert "--last must be 0 (all) or 2..3" in capsys.readouterr().err
+
     # the same run directory is refused rather than overwritten
     assert main(argv) == 2
+
+
+def assert_averaged(path, run_dir, key, steps):
+    """Known answer: every float tensor of `key` is the mean of the kept checkpoints' (which differ)."""
+    averaged = load_checkpoint(path)
+    saved = [load_checkpoint(p) for p in checkpoint_files(run_dir)]
+    assert averaged["averaged_steps"] == steps == [s["step"] for s in saved]
+    assert averaged["step"] == steps[-1]
+    differs = False
+    for name, value in averaged["algorithm"][key].items():
+        if value.is_floating_point():
+            expected = torch.stack([s["algorithm"][key][name].double() for s in saved]).mean(0)
+            torch.testing.assert_close(value.double(), expected, rtol=0, atol=1e-6)
+            differs |= not torch.equal(saved[0]["algorithm"][key][name], saved[-1]["algorithm"][key][name])
+    assert differs  # the checkpoints really hold different weights, so the mean is a real test
 
 
 def test_qmix_train_checkpoint_eval_smoke(tmp_path, capsys):
@@ -171,6 +196,7 @@ def test_qmix_train_checkpoint_eval_smoke(tmp_path, capsys):
     for setting in ("ppo.rollout_length=50", "env.eval_envs=2", "run.eval_episodes=2", "qmix.batch_size=8"):
         argv += ["--set", setting]
     argv += ["--set", "qmix.buffer_size=32", "--set", "qmix.episodes_per_update=4"]
+    argv += ["--set", "run.checkpoint_every=1000"]
     assert main(argv) == 0
     with open(tmp_path / "qmix" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -180,3 +206,10 @@ def test_qmix_train_checkpoint_eval_smoke(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "qmix"), "--episodes", "2"]) == 0
     assert "eval/win_rate" in capsys.readouterr().out
+    # averaging QMIX averages its agent network and mixer (`network_keys`)
+    steps = [load_checkpoint(p)["step"] for p in checkpoint_files(tmp_path / "qmix")]
+    assert len(steps) >= 2
+    assert main(["average", str(tmp_path / "qmix")]) == 0
+    for key in ("agent", "mixer"):
+        assert_averaged(tmp_path / "qmix" / "average.pt", tmp_path / "qmix", key, steps)
+    assert main(["eval", str(tmp_path / "qmix" / "average.pt"), "--episodes", "2"]) == 0

@@ -74,6 +74,49 @@ def checkpoint_files(path: Path) -> list[Path]:
     return sorted(folder.glob("step_*.pt"))
 
 
+def average_checkpoints(run_dir: Path, last: int, out: Path) -> list[int]:
+    """Write to `out` an evaluation checkpoint (like best.pt) whose network weights are the uniform
+    average of the run's `last` newest kept checkpoints (every kept one if `last` is 0). Weights are
+    averaged in float64; the rest (config, normalisers, decision order, optimiser) is the newest
+    checkpoint's, and `averaged_steps` lists the steps averaged. Returns those steps."""
+    from seqmarl.algos import algorithm_class
+
+    files = checkpoint_files(run_dir) if run_dir.is_dir() else []
+    if len(files) < 2:
+        raise UserError(f"averaging needs at least 2 kept checkpoints (checkpoints/step_*.pt) in {run_dir}")
+    if last == 1 or last < 0 or last > len(files):
+        raise UserError(
+            f"--last must be 0 (all) or 2..{len(files)}: {run_dir} keeps {len(files)} checkpoints"
+        )
+    states = [load_checkpoint(f) for f in files[-last:]]  # verified, oldest first
+    newest = states[-1]
+    algo = newest["config"]["algo"]
+    shape = (
+        "algo",
+        "env",
+        "model",
+        "mlp",
+        "qmix",
+    )  # what fixes the networks (a resumed run may differ in budget)
+    if any(
+        {k: s["config"].get(k) for k in shape} != {k: newest["config"].get(k) for k in shape} for s in states
+    ):
+        raise UserError(f"the checkpoints of {run_dir} hold different networks; not averaging them")
+    algorithm = dict(newest["algorithm"])
+    for key in algorithm_class(algo).network_keys:
+        weights = [s["algorithm"][key] for s in states]
+        algorithm[key] = {
+            name: torch.stack([w[name].double() for w in weights]).mean(0).to(t.dtype)
+            if t.is_floating_point()
+            else t
+            for name, t in weights[-1].items()
+        }
+    steps = [int(s["step"]) for s in states]
+    payload = {key: newest[key] for key in ("config", "env", "step", "iteration")}
+    atomic_save({**payload, "algorithm": algorithm, "averaged_steps": steps}, out)
+    return steps
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
     found = sorted(directory.glob("step_*.pt"))
     return found[-1] if found else None

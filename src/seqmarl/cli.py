@@ -1,4 +1,4 @@
-"""`seqmarl train | eval | select | plot | report | benchmark`.
+"""`seqmarl train | eval | select | average | plot | report | benchmark`.
 
 User errors are printed as one line and exit with code 2.
 """
@@ -76,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--test-seed", type=int, default=2026, help="evaluation seed of the check")
     select.add_argument("--device", default="auto")
     select.add_argument("--json", type=Path, help="write every score and the check's episodes here")
+
+    average = commands.add_parser(
+        "average",
+        help="average the weights of a run's last kept checkpoints into one checkpoint for `seqmarl eval`",
+    )
+    average.add_argument("run_dir", type=Path)
+    average.add_argument(
+        "--last", type=int, default=0, help="how many of the newest checkpoints (0: all kept)"
+    )
+    average.add_argument("--out", type=Path, help="where to write it (default RUN_DIR/average.pt)")
 
     plot = commands.add_parser("plot", help="learning curves of run directories")
     plot.add_argument("run_dirs", nargs="+", type=Path)
@@ -287,6 +297,15 @@ def _cmd_select(args: argparse.Namespace) -> None:
         args.json.write_text(json.dumps(selection, indent=2))
 
 
+def _cmd_average(args: argparse.Namespace) -> None:
+    from seqmarl.checkpoint import average_checkpoints
+
+    out = args.out or args.run_dir / "average.pt"
+    steps = average_checkpoints(args.run_dir, args.last, out)
+    print(f"averaged the weights of {len(steps)} checkpoints (steps {', '.join(f'{s:,}' for s in steps)})")
+    print(f"wrote {out}; evaluate it with: seqmarl eval {out} --episodes 320 --seed 777")
+
+
 def _cmd_plot(args: argparse.Namespace) -> None:
     from seqmarl.plot import plot_runs
 
@@ -305,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         previous_handler = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         commands = {"train": _cmd_train, "eval": _cmd_eval, "select": _cmd_select, "plot": _cmd_plot}
+        commands.update(average=_cmd_average)
         commands.update(report=_cmd_report, benchmark=_cmd_benchmark)
         commands[args.command](args)
     except UserError as e:

@@ -44,6 +44,8 @@ class PPOAlgorithm:
     per_agent_advantages: ClassVar[bool] = False  # False: one joint advantage shared by all agents
     permutable: ClassVar[bool] = False  # weights are indifferent to agent order (may shuffle it)
     value_loss_on_mean: ClassVar[bool] = False  # fit the mean of the alive agents' values, not each one
+    # The entries of state_dict() that hold network weights (what `seqmarl average` averages).
+    network_keys: ClassVar[tuple[str, ...]] = ("model",)
 
     def __init__(self, spec: EnvSpec, ppo: PPOConfig, device: torch.device, model: nn.Module):
         self.spec = spec

@@ -83,6 +83,8 @@ class QMIXAlgorithm:
     supports_discrete: ClassVar[bool] = True
     supports_continuous: ClassVar[bool] = False  # argmax over a finite action set
     on_policy: ClassVar[bool] = False
+    # `seqmarl average` averages these; the targets are kept as saved (evaluation never reads them)
+    network_keys: ClassVar[tuple[str, ...]] = ("agent", "mixer")
     uses_state: ClassVar[bool] = True  # the mixer reads the global state
 
     def __init__(self, spec: EnvSpec, config: QMIXConfig, num_envs: int, device: torch.device):
