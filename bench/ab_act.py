@@ -13,7 +13,7 @@ import importlib
 import subprocess
 import sys
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
 import common
@@ -76,14 +76,11 @@ def main() -> int:
                         before.evaluate(obs, mask, actions).log_prob
                         - after.evaluate(obs, mask, actions).log_prob
                     )
-                times: dict[str, list[float]] = {"before": [], "after": []}
-                for _ in range(args.repeats + 1):
-                    for name, model in (("before", before), ("after", after)):
-                        start = time.perf_counter()
-                        model.act(obs, mask)
-                        common.synchronize(device)
-                        times[name].append((time.perf_counter() - start) * 1e3)
-                median = {name: sorted(t[1:])[len(t[1:]) // 2] for name, t in times.items()}
+                median = common.time_alternating_ms(
+                    {"before": partial(before.act, obs, mask), "after": partial(after.act, obs, mask)},
+                    device,
+                    args.repeats,
+                )
                 rows.append(
                     {
                         "name": f"{space_name}/N={N}/envs={args.envs}",

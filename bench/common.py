@@ -101,6 +101,24 @@ def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: i
     return statistics.median(times)
 
 
+def time_alternating_ms(
+    fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median wall time in ms of each function, the functions called in turn (one call of each per
+    round), so that a change in the machine's load hits all of them alike. The first `warmup` rounds
+    are not timed."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(warmup + repeats):
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            if round_ >= warmup:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def matmul_gflops(m: int, k: int, n: int, device: torch.device, seconds: float | None = None) -> float:
     """Achieved GFLOP/s of (m x k) @ (k x n) in float32, timed for about `seconds`."""
     a = torch.randn(m, k, device=device)

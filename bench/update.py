@@ -19,9 +19,7 @@ The target (>= 70% of the matmul rate) is read against the model-shape rate; bot
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -111,22 +109,6 @@ def reference_update(
     return update
 
 
-def time_pair_ms(
-    ours: Callable[[], object], theirs: Callable[[], object], device: torch.device, repeats: int
-) -> tuple[float, float]:
-    """Median ms of each of two functions, called alternately (after two warm-up calls each)."""
-    times: tuple[list[float], list[float]] = ([], [])
-    for i in range(repeats + 2):
-        for fn, out in ((ours, times[0]), (theirs, times[1])):
-            common.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            common.synchronize(device)
-            if i >= 2:
-                out.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times[0]), statistics.median(times[1])
-
-
 def bench_row(
     N: int,
     samples: int,
@@ -145,9 +127,9 @@ def bench_row(
     if ref is None:
         update_ms = common.time_ms(ours, device, repeats, warmup=2)
     else:
-        update_ms, reference_same_run_ms = time_pair_ms(
-            ours, reference_update(ref, batch, device), device, repeats
-        )
+        fns = {"ours": ours, "reference": reference_update(ref, batch, device)}
+        timed = common.time_alternating_ms(fns, device, repeats, warmup=2)
+        update_ms, reference_same_run_ms = timed["ours"], timed["reference"]
     tokens = samples * N
     flops_per_token = common.train_flops_per_token(common.ModelShape(N, OBS_DIM, ACTIONS, discrete=True))
     achieved = flops_per_token * tokens / (update_ms / 1e3) / 1e9

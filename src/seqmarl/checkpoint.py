@@ -62,7 +62,7 @@ def _sidecar(path: Path) -> Path:
 def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep: int) -> Path:
     """Write step_<step>.pt atomically, then keep only the newest `keep`."""
     path = atomic_save(payload, directory / f"step_{step:012d}.pt")
-    for old in sorted(directory.glob("step_*.pt"))[:-keep]:
+    for old in checkpoint_files(directory)[:-keep]:
         old.unlink()
         _sidecar(old).unlink(missing_ok=True)
     return path
@@ -88,22 +88,16 @@ def average_checkpoints(run_dir: Path, last: int, out: Path) -> list[int]:
         raise UserError(
             f"--last must be 0 (all) or 2..{len(files)}: {run_dir} keeps {len(files)} checkpoints"
         )
-    states = [load_checkpoint(f) for f in files[-last:]]  # verified, oldest first
+    states = [load_checkpoint(f) for f in (files[-last:] if last else files)]  # verified, oldest first
     newest = states[-1]
-    algo = newest["config"]["algo"]
-    shape = (
-        "algo",
-        "env",
-        "model",
-        "mlp",
-        "qmix",
-    )  # what fixes the networks (a resumed run may differ in budget)
-    if any(
-        {k: s["config"].get(k) for k in shape} != {k: newest["config"].get(k) for k in shape} for s in states
-    ):
+    # What fixes the networks; the rest of the config may differ (a resumed run with a longer budget).
+    networks = [
+        {key: s["config"].get(key) for key in ("algo", "env", "model", "mlp", "qmix")} for s in states
+    ]
+    if any(n != networks[-1] for n in networks):
         raise UserError(f"the checkpoints of {run_dir} hold different networks; not averaging them")
     algorithm = dict(newest["algorithm"])
-    for key in algorithm_class(algo).network_keys:
+    for key in algorithm_class(newest["config"]["algo"]).network_keys:
         weights = [s["algorithm"][key] for s in states]
         algorithm[key] = {
             name: torch.stack([w[name].double() for w in weights]).mean(0).to(t.dtype)
@@ -118,7 +112,7 @@ def average_checkpoints(run_dir: Path, last: int, out: Path) -> list[int]:
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
-    found = sorted(directory.glob("step_*.pt"))
+    found = checkpoint_files(directory)
     return found[-1] if found else None
 
 

@@ -324,8 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         previous_handler = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         commands = {"train": _cmd_train, "eval": _cmd_eval, "select": _cmd_select, "plot": _cmd_plot}
-        commands.update(average=_cmd_average)
-        commands.update(report=_cmd_report, benchmark=_cmd_benchmark)
+        commands.update(average=_cmd_average, report=_cmd_report, benchmark=_cmd_benchmark)
         commands[args.command](args)
     except UserError as e:
         print(f"seqmarl: error: {e}", file=sys.stderr)
