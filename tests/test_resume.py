@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import shutil
 import signal
@@ -220,6 +221,40 @@ def test_sigterm_checkpoints_the_iteration_boundary_and_resume_finishes(tmp_path
     assert list((tmp_path / "term" / "checkpoints").glob("step_*.pt"))
     assert main(["train", "--resume", str(tmp_path / "term"), "--no-progress"]) == 0
     assert json.loads((tmp_path / "term" / "result.json").read_text())["steps"] == 1600
+
+
+def test_hangup_with_the_terminal_gone_checkpoints_and_resume_finishes(tmp_path):
+    """SIGHUP (the terminal or SSH session closed) stops like SIGTERM, with a checkpoint, although
+    the process's stdout and stderr have no reader any more (the handler's own message hits EPIPE)."""
+    command = cli_train(tmp_path, "hup")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while rows_written(tmp_path / "hup" / "metrics.csv") < 3:
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    process.stdout.close()
+    process.stderr.close()
+    process.send_signal(signal.SIGHUP)
+    assert process.wait(timeout=120) == 130
+    assert list((tmp_path / "hup" / "checkpoints").glob("step_*.pt"))
+    assert not (tmp_path / "hup" / "result.json").exists()
+    assert main(["train", "--resume", str(tmp_path / "hup"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "hup" / "result.json").read_text())["steps"] == 1600
+
+
+def test_a_closed_stdout_does_not_stop_training(tmp_path):
+    """`seqmarl train ... | head -1`: the reader leaves, every later print meets a broken pipe, and
+    the run still trains to the end (its output is not worth the run)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # no reader from the start: the first print raises EPIPE unless handled
+    try:
+        finished = subprocess.run(
+            cli_train(tmp_path, "pipe"), stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=600
+        )
+    finally:
+        os.close(write_end)
+    assert finished.returncode == 0 and "Traceback" not in finished.stderr, finished.stderr
+    assert json.loads((tmp_path / "pipe" / "result.json").read_text())["steps"] == 1600
 
 
 def test_resume_refusals_are_one_line_exit_2(tmp_path, capsys):

@@ -39,6 +39,7 @@ import yaml
 
 from seqmarl.benchmark_spec import BenchmarkSpec
 from seqmarl.errors import UserError
+from seqmarl.interrupt import STOP_SIGNALS
 
 ABSOLUTE_EVAL_SEED = 777  # fixed, and distinct from the training and periodic-evaluation seeds
 
@@ -258,7 +259,7 @@ def run_benchmark(spec: BenchmarkSpec, command: str, dry_run: bool = False) -> i
     def stop(signum: int, frame: object) -> None:
         raise _Interrupted
 
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     begin = time.perf_counter()
     try:
         while queue or running:

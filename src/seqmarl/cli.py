@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from seqmarl.errors import TrainingFault, UserError
+from seqmarl.interrupt import STOP_SIGNALS, surviving_output
 
 
 class _Parser(argparse.ArgumentParser):
@@ -312,16 +313,27 @@ def _cmd_plot(args: argparse.Namespace) -> None:
     print(f"wrote {plot_runs(args.run_dirs, args.out)}")
 
 
-def _sigterm_as_interrupt(signum: int, frame: object) -> None:
+def _signal_as_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `benchmark` prints how to resume
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    if on_main_thread:  # a killed job saves a checkpoint like Ctrl-C; restored on return (main is reusable)
-        previous_handler = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    # A killed job (SIGTERM) or a closed terminal (SIGHUP) saves a checkpoint like Ctrl-C; the
+    # handlers are restored on return (main is reusable). Handlers exist only on the main thread.
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, _signal_as_interrupt) for s in STOP_SIGNALS}
+    try:
+        with surviving_output():  # a closed pipe or terminal does not end a run (interrupt.py)
+            return _run_command(args)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _run_command(args: argparse.Namespace) -> int:
     try:
         commands = {"train": _cmd_train, "eval": _cmd_eval, "select": _cmd_select, "plot": _cmd_plot}
         commands.update(average=_cmd_average, report=_cmd_report, benchmark=_cmd_benchmark)
@@ -335,9 +347,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("seqmarl: interrupted", file=sys.stderr)
         return 130
-    finally:
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, previous_handler)
     return 0
 
 
