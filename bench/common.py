@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from seqmarl.runinfo import cpu_model
+from seqmarl.runinfo import cpu_model, keep_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
 SLOWDOWN_LIMIT = 1.10  # a row more than 10% slower than its baseline is flagged
@@ -43,8 +43,12 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+MALLOC = "not set"  # what runinfo.keep_freed_memory did (the trainer does the same); in every JSON
+
+
 def setup(args: argparse.Namespace) -> torch.device:
-    global MATMUL_SECONDS
+    global MATMUL_SECONDS, MALLOC
+    MALLOC = keep_freed_memory()  # as in training; SEQMARL_MALLOC=system for glibc's defaults
     if args.quick:
         MATMUL_SECONDS = 0.05
     if args.threads > 0:
@@ -75,6 +79,7 @@ def machine(device: torch.device) -> dict[str, Any]:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "malloc": MALLOC,
         "python": sys.version.split()[0],
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),

@@ -141,7 +141,8 @@ def main() -> int:
     modes = (decode, decode == "cpp")
     print(
         f"# decode: {machine['cpu']} / {machine['device']}, torch {machine['torch']}, "
-        f"{machine['threads']} threads, load {machine['load_average']}, commit {machine['commit']}"
+        f"{machine['threads']} threads, malloc {machine['malloc']}, load {machine['load_average']}, "
+        f"commit {machine['commit']}"
     )
 
     rows = []

@@ -41,10 +41,12 @@ class Profile:
     def __init__(self) -> None:
         self.iterations: list[dict[str, float]] = []
         self.starts: list[float] = []
+        self.cpu_starts: list[float] = []  # process CPU time (all threads, user + system)
         self.in_collect = False
 
     def begin_iteration(self) -> None:
         self.starts.append(time.perf_counter())
+        self.cpu_starts.append(time.process_time())
         self.iterations.append(defaultdict(float))
 
     def timed(self, fn: Callable, phase: str) -> Callable:
@@ -59,8 +61,9 @@ class Profile:
 
         return wrapper
 
-    def split(self, first: int, last: int) -> tuple[float, dict[str, float]]:
-        """Wall seconds of iterations [first, last) and the seconds of each phase within them."""
+    def split(self, first: int, last: int) -> tuple[float, float, dict[str, float]]:
+        """Wall seconds and process CPU seconds of iterations [first, last), and the wall seconds of
+        each phase within them."""
         totals = dict.fromkeys(PHASES, 0.0)
         wall = self.starts[last] - self.starts[first]
         for t in self.iterations[first:last]:
@@ -71,7 +74,7 @@ class Profile:
             totals["gae"] += t["gae"]
             totals["update"] += t["update"]
         totals["other"] = wall - sum(totals.values())
-        return wall, totals
+        return wall, self.cpu_starts[last] - self.cpu_starts[first], totals
 
 
 def run_training(env_name: str, overrides: dict, iterations: int, warmup: int, profile: Profile):
@@ -145,7 +148,7 @@ def run_training(env_name: str, overrides: dict, iterations: int, warmup: int, p
 def bench_row(env_name: str, overrides: dict, iterations: int, warmup: int, device: torch.device) -> dict:
     profile = Profile()
     config, spec = run_training(env_name, overrides, iterations, warmup, profile)
-    wall, phases = profile.split(warmup, warmup + iterations)
+    wall, cpu, phases = profile.split(warmup, warmup + iterations)
     steps = config.ppo.rollout_length * config.env.num_envs * iterations
     shape = common.ModelShape(spec.n_agents, spec.obs_dim, spec.action_space.mask_width, spec.discrete)
     flops_per_env_step = spec.n_agents * (
@@ -168,6 +171,9 @@ def bench_row(env_name: str, overrides: dict, iterations: int, warmup: int, devi
         "bound_steps_per_s": bound,
         "fraction_of_bound": steps / wall / bound,
         "seconds_per_iteration": wall / iterations,
+        # Steps per second of process CPU time: on a loaded machine wall time also counts the time
+        # other processes held the cores; CPU time counts this process's own work (and its page faults).
+        "steps_per_cpu_s": steps / cpu,
     }
     for phase in PHASES:
         row[f"{phase}_fraction"] = phases[phase] / wall
@@ -196,7 +202,8 @@ def main() -> int:
     machine = common.machine(device)
     print(
         f"# train: {machine['cpu']} / {machine['device']}, torch {machine['torch']}, "
-        f"{machine['threads']} threads, load {machine['load_average']}, commit {machine['commit']}"
+        f"{machine['threads']} threads, malloc {machine['malloc']}, load {machine['load_average']}, "
+        f"commit {machine['commit']}"
     )
     rows = []
     for env_name in args.envs:
@@ -209,6 +216,7 @@ def main() -> int:
             ("N", "N", "d"),
             ("envs", "envs", "d"),
             ("steps_per_s", "env steps/s", ",.0f"),
+            ("steps_per_cpu_s", "per CPU s", ",.0f"),
             ("bound_steps_per_s", "compute bound", ",.0f"),
             ("fraction_of_bound", "of bound", ".0%"),
             *[(f"{phase}_fraction", phase, ".0%") for phase in PHASES],

@@ -170,7 +170,8 @@ def main() -> int:
     machine = common.machine(device)
     print(
         f"# update: {machine['cpu']} / {machine['device']}, torch {machine['torch']}, "
-        f"{machine['threads']} threads, load {machine['load_average']}, commit {machine['commit']}"
+        f"{machine['threads']} threads, malloc {machine['malloc']}, load {machine['load_average']}, "
+        f"commit {machine['commit']}"
     )
     square_rate = common.square_gflops(device, size=256 if args.quick else 2048)
     ref = load_reference(args.reference_src) if args.reference_src else None

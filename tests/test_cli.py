@@ -99,6 +99,7 @@ def test_train_eval_plot_smoke(env, steps, tmp_path, capsys, monkeypatch):
     assert int(rows[-1]["step"]) == int(steps)
     meta = json.loads((run_dir / "meta.json").read_text())
     assert meta["decode_loop"] in ("python", "cpp-aten", "cpp-fused")  # MAT says which loop acted
+    assert meta["malloc"] in ("keep", "system", "n/a")  # runinfo.keep_freed_memory
     assert rows[-1]["losses/value_loss"] != ""
 
     assert main(["eval", str(run_dir), "--episodes", "2"]) == 0

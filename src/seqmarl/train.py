@@ -42,7 +42,7 @@ from seqmarl.evaluate import evaluate
 from seqmarl.interrupt import StopRequests
 from seqmarl.logger import Logger
 from seqmarl.rollout import collect
-from seqmarl.runinfo import machine_description, seed_everything, select_device
+from seqmarl.runinfo import keep_freed_memory, machine_description, seed_everything, select_device
 from seqmarl.types import StepRecord
 
 EVAL_SEED_OFFSET = 1_000_003  # evaluation envs never share episode seeds with training envs
@@ -148,6 +148,7 @@ def _run(config: TrainConfig, run_dir: Path, checkpoint: dict[str, Any] | None) 
     run = config.run
     if run.threads > 0:
         torch.set_num_threads(run.threads)
+    malloc = keep_freed_memory()
     device = select_device(run.device)
     seed_everything(run.seed)
     envs = make_vector_env(config.env.name, config.env.num_envs, seed=run.seed)
@@ -157,6 +158,7 @@ def _run(config: TrainConfig, run_dir: Path, checkpoint: dict[str, Any] | None) 
 
     write_text_atomically(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     meta = {**machine_description(), "env": spec.name, "algo": config.algo, "seed": run.seed}
+    meta["malloc"] = malloc  # runinfo.keep_freed_memory: speed only, the numbers are the same
     if hasattr(algorithm, "provenance"):  # e.g. MAT: which decode loop acted
         meta.update(algorithm.provenance())
     if checkpoint is not None:  # provenance of every segment of a resumed run
