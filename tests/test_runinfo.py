@@ -12,9 +12,9 @@ import pytest
 from seqmarl.errors import UserError
 from seqmarl.runinfo import keep_freed_memory
 
-# One forward/backward of an MLP block on 3200 x 27 tokens (E = 64, hidden 256: a 88 MB activation,
-# above glibc's largest automatic mmap threshold), as in a PPO update at N = 27; prints the minor page
-# faults per step once warm. By default each step maps its big tensors afresh and faults them in.
+# One forward/backward of an MLP on 3200 x 27 tokens (E = 64, as in a PPO update at N = 27, with a wide
+# hidden layer: an 88 MB activation, above glibc's largest automatic mmap threshold); prints the minor
+# page faults per step once warm. By default each step maps its big tensors afresh and faults them in.
 FAULTS_PER_STEP = """
 import resource, torch
 from seqmarl.runinfo import keep_freed_memory

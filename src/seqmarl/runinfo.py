@@ -40,9 +40,10 @@ def keep_freed_memory() -> str:
     A PPO update allocates and frees the same large activation tensors every minibatch. By default
     glibc serves blocks above its mmap threshold (at most 32 MB) with fresh `mmap`s and hands freed
     heap memory back above the trim threshold, so every update touches new pages: at N = 27 agents
-    (3200 x 27 tokens, an 88 MB MLP activation) that was 20-60k page faults and 0.1-0.3 s of kernel
-    time per update (docs/performance.md, "The allocator"). With blocks up to 1 GB taken from the heap,
-    no trimming below 2 GB free and a 64 MB top pad, the pages are faulted in once. The process keeps
+    (3200 x 27 tokens x 64 floats: 22 MB per activation, dozens of them) that was 20-60k page faults
+    and 0.1-0.3 s of kernel time per update (docs/performance.md, "The allocator"). With blocks up to
+    1 GB taken from the heap, no trimming below 2 GB free and a 64 MB top pad, most pages are faulted
+    in once. The process keeps
     its peak memory; results are unchanged (the arithmetic is the same).
 
     Called by the trainer; `SEQMARL_MALLOC=system` leaves the allocator alone. Returns what was done,
