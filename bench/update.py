@@ -1,7 +1,12 @@
 """The PPO update of MAT: forward, loss, backward and Adam on 3200 samples x N agents, one minibatch,
 through `MATAlgorithm.update` (the trainer's own code path), against the matmul rate measured in this run.
 
-    python bench/update.py [--quick] [--json OUT] [--baseline FILE] [--reference-src DIR]
+    python bench/update.py [--quick] [--json OUT] [--baseline FILE] [--compare-attention]
+                           [--reference-src DIR]
+
+With `--compare-attention` every row also times the same update with torch's attention kernel instead of
+the C++ loops for few tokens (nn/layers.py, `cpp_decode.use_training_attention`), alternating call by
+call, and prints the gain.
 
 With `--reference-src DIR` (a checkout of PKU-MARL/Multi-Agent-Transformer, e.g. be3ff49) every row also
 times the reference's own update on the same batch in the same process: its `MultiAgentTransformer`
@@ -30,6 +35,7 @@ import torch
 from seqmarl.algos.mat import MATAlgorithm
 from seqmarl.buffer import RolloutBatch
 from seqmarl.config import PPOConfig
+from seqmarl.nn import cpp_decode
 from seqmarl.nn.mat import MATConfig
 from seqmarl.types import DiscreteActions, EnvSpec
 
@@ -116,20 +122,36 @@ def bench_row(
     device: torch.device,
     square_rate: float,
     ref: types.SimpleNamespace | None = None,
+    compare_attention: bool = False,
 ) -> dict:
     spec = EnvSpec("bench", N, OBS_DIM, OBS_DIM, DiscreteActions(ACTIONS), 100, False)
     torch.manual_seed(0)
     algorithm = MATAlgorithm(spec, MATConfig(), PPOConfig(epochs=1, num_minibatches=1), device)
     batch = synthetic_batch(samples, N, device)
     generator = torch.Generator().manual_seed(0)
-    ours = lambda: algorithm.update(batch, 5e-4, generator)  # noqa: E731
-    reference_same_run_ms = None
-    if ref is None:
-        update_ms = common.time_ms(ours, device, repeats, warmup=2)
+
+    def update(training_attention: bool) -> Callable[[], None]:
+        def run() -> None:
+            cpp_decode.use_training_attention = training_attention
+            algorithm.update(batch, 5e-4, generator)
+
+        return run
+
+    fns = {"ours": update(True)}
+    if compare_attention:  # the same update with torch's attention kernel throughout
+        fns["sdpa"] = update(False)
+    if ref is not None:
+        fns["reference"] = reference_update(ref, batch, device)
+    if len(fns) == 1:
+        update_ms = common.time_ms(fns["ours"], device, repeats, warmup=2)
+        timed = {}
     else:
-        fns = {"ours": ours, "reference": reference_update(ref, batch, device)}
         timed = common.time_alternating_ms(fns, device, repeats, warmup=2)
-        update_ms, reference_same_run_ms = timed["ours"], timed["reference"]
+        update_ms = timed["ours"]
+    cpp_decode.use_training_attention = True
+    reference_same_run_ms, sdpa_ms = timed.get("reference"), timed.get("sdpa")
+    few = N <= cpp_decode.TRAINING_ATTENTION_MAX_TOKENS
+    attention = cpp_decode.attention_name("auto", device) if few else "sdpa"
     tokens = samples * N
     flops_per_token = common.train_flops_per_token(common.ModelShape(N, OBS_DIM, ACTIONS, discrete=True))
     achieved = flops_per_token * tokens / (update_ms / 1e3) / 1e9
@@ -142,6 +164,9 @@ def bench_row(
         "reference_ms": REFERENCE_UPDATE_MS.get(N) if samples == 3200 else None,
         "reference_same_run_ms": reference_same_run_ms,
         "ours_over_reference": update_ms / reference_same_run_ms if reference_same_run_ms else None,
+        "train_attention": attention,
+        "sdpa_attention_ms": sdpa_ms,
+        "attention_gain": sdpa_ms / update_ms if sdpa_ms else None,
         "tokens_per_s": tokens / (update_ms / 1e3),
         "mflops_per_token": flops_per_token / 1e6,
         "gflops": achieved,
@@ -163,6 +188,11 @@ def main() -> int:
         metavar="DIR",
         help="a checkout of PKU-MARL/Multi-Agent-Transformer: time its update beside ours, alternating",
     )
+    p.add_argument(
+        "--compare-attention",
+        action="store_true",
+        help="also time the same update with torch's attention kernel (not the C++ one), alternating",
+    )
     args = p.parse_args()
     if args.quick:
         args.agents, args.samples, args.repeats = [3], 64, 2
@@ -177,7 +207,8 @@ def main() -> int:
     ref = load_reference(args.reference_src) if args.reference_src else None
     rows = []
     for N in args.agents:
-        rows.append(bench_row(N, args.samples, args.repeats, device, square_rate, ref))
+        row = bench_row(N, args.samples, args.repeats, device, square_rate, ref, args.compare_attention)
+        rows.append(row)
         print(f"  {rows[-1]['name']}: {rows[-1]['update_ms']:.1f} ms", file=sys.stderr)
     common.print_table(
         rows,
@@ -192,6 +223,15 @@ def main() -> int:
                     ("ours_over_reference", "ours / reference", ".2f"),
                 ]
                 if ref
+                else []
+            ),
+            ("train_attention", "attention", "s"),
+            *(
+                [
+                    ("sdpa_attention_ms", "with torch's attention ms", ".1f"),
+                    ("attention_gain", "C++ attention gain", ".2f"),
+                ]
+                if args.compare_attention
                 else []
             ),
             ("tokens_per_s", "tokens/s", ",.0f"),

@@ -26,19 +26,20 @@ def run_script(name: str, *argv: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    "script, required",
+    "script, flags, required",
     [
-        ("decode.py", ["cached_ms", "uncached_ms", "speedup", "outputs_match"]),
-        ("update.py", ["update_ms", "gflops", "matmul_model_shape_gflops", "fraction_of_model_shape_rate"]),
-        ("train.py", ["steps_per_s", "bound_steps_per_s", "fraction_of_bound", "env_fraction"]),
+        ("decode.py", [], ["cached_ms", "uncached_ms", "speedup", "outputs_match"]),
+        ("update.py", [], ["update_ms", "gflops", "matmul_model_shape_gflops"]),
+        ("update.py", ["--compare-attention"], ["update_ms", "sdpa_attention_ms", "attention_gain"]),
+        ("train.py", [], ["steps_per_s", "steps_per_cpu_s", "bound_steps_per_s", "fraction_of_bound"]),
     ],
 )
-def test_script_runs_and_compares_with_its_own_baseline(script, required, tmp_path):
+def test_script_runs_and_compares_with_its_own_baseline(script, flags, required, tmp_path):
     out = tmp_path / "result.json"
-    result = run_script(script, "--json", str(out))
+    result = run_script(script, "--json", str(out), *flags)
     assert result.returncode == 0, result.stdout + result.stderr
     payload = json.loads(out.read_text())
-    for key in ("commit", "cpu", "torch", "threads", "load_average"):
+    for key in ("commit", "cpu", "torch", "threads", "malloc", "load_average"):
         assert key in payload["machine"]
     assert all(required[0] in row for row in payload["rows"])
     for key in required:

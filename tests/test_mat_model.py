@@ -284,3 +284,69 @@ def test_cpp_decode_with_widths_off_the_vector_size(space_name, B, N):
     for config in (MATConfig(n_embd=36, n_head=3, n_block=2), MATConfig(n_embd=20, n_head=2, pre_norm=True)):
         model, obs, mask = make(space_name, "", N, B, seed=N, space=space, config=config)
         assert_same_decode(act_with_each_loop(model, obs, mask, False, 1), space_name == "discrete")
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the C++ decode step cannot be built here")
+@pytest.mark.parametrize("tokens", [1, 5, 16])
+@pytest.mark.parametrize("heads, width", [(1, 64), (3, 36)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpp_training_attention_matches_torch_forward_and_backward(tokens, heads, width, causal, monkeypatch):
+    """The update's attention over few tokens (csrc/decode.cpp, nn/layers.py): its output and the
+    gradients of every input and weight are as close to a float64 computation as those of torch's
+    scaled_dot_product_attention in float32, with queries and keys/values from different streams,
+    several heads and a head size off the vector width (12)."""
+    from seqmarl.nn.layers import Attention
+
+    if not cpp_decode.extension("cpp").fused_available():
+        pytest.skip("this CPU has no AVX2/FMA: torch's kernel attends in training here")
+    torch.manual_seed(tokens)
+    attention = Attention(width, heads, kernel="cpp")
+    with torch.no_grad():
+        for p in attention.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    queries, keys = torch.randn(2, 7, tokens, width).unbind(0)
+    assert cpp_decode.training_attention("cpp", queries.view(7, tokens, heads, -1)) is not None
+
+    def run(use_cpp: bool, dtype: torch.dtype) -> list[torch.Tensor]:
+        monkeypatch.setattr(cpp_decode, "use_training_attention", use_cpp)
+        attention.to(dtype).zero_grad()
+        inputs = [x.to(dtype).requires_grad_() for x in (queries, keys)]
+        out = attention(*inputs, causal=causal)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
+        grads = [x.grad for x in inputs] + [p.grad for p in attention.parameters()]
+        return [t.double() for t in (out, *grads)]
+
+    exact = run(False, torch.float64)  # torch's kernel in float64: the reference
+    ours, torchs = run(True, torch.float32), run(False, torch.float32)
+    for mine, theirs, truth in zip(ours, torchs, exact, strict=True):
+        error, torch_error = (mine - truth).abs().max().item(), (theirs - truth).abs().max().item()
+        assert error <= 2 * torch_error + 1e-6 * truth.abs().max().item() + 1e-9, (error, torch_error)
+
+
+def test_training_attention_goes_to_torch_beyond_its_domain():
+    """More tokens than the C++ loops are faster for, float64, mode python: torch's kernel."""
+    few = torch.zeros(2, 4, 1, 8)
+    many = torch.zeros(2, cpp_decode.TRAINING_ATTENTION_MAX_TOKENS + 1, 1, 8)
+    assert cpp_decode.training_attention("python", few) is None
+    assert cpp_decode.training_attention("auto", many) is None
+    assert cpp_decode.training_attention("auto", few.double()) is None
+    assert cpp_decode.attention_name("python", torch.device("cpu")) == "sdpa"
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_waited_for(tmp_path, capsys):
+    """torch's builder waits for ever while `<root>/<name>/lock` exists; a process killed mid-build
+    leaves it behind. An old lock is removed with a notice; a recent one is left (a build may be
+    running) and the wait is announced."""
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    cpp_decode._clear_stale_lock(str(tmp_path))
+    assert lock.exists() and "waiting for another process" in capsys.readouterr().err
+    old = time.time() - cpp_decode.STALE_BUILD_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    cpp_decode._clear_stale_lock(str(tmp_path))
+    assert not lock.exists() and "removing" in capsys.readouterr().err
+    cpp_decode._clear_stale_lock(str(tmp_path))  # no lock: nothing to say
+    assert capsys.readouterr().err == ""

@@ -15,6 +15,7 @@ from torch import nn
 from seqmarl.algos.base import PPOAlgorithm
 from seqmarl.buffer import RolloutBatch
 from seqmarl.config import PPOConfig
+from seqmarl.nn import cpp_decode
 from seqmarl.nn.mat import EncoderMixin, MATConfig
 from seqmarl.nn.mlp import Actor, MLPConfig
 from seqmarl.types import ActOutput, EnvSpec, EvalOutput
@@ -35,6 +36,11 @@ class MATDecAlgorithm(PPOAlgorithm):
 
     def __init__(self, spec: EnvSpec, model: MATConfig, mlp: MLPConfig, ppo: PPOConfig, device: torch.device):
         super().__init__(spec, ppo, device, MATDecNetwork(spec, model, mlp))
+        self.decode_mode = model.decode
+
+    def provenance(self) -> dict[str, str]:
+        """Written into meta.json: which kernel attends in the encoder (they round differently)."""
+        return {"train_attention": cpp_decode.attention_name(self.decode_mode, self.device)}
 
     def _act(self, obs, state, mask, deterministic) -> ActOutput:
         actions, log_prob = self.model.actor.sample(obs, mask, deterministic)

@@ -15,11 +15,13 @@ torch's lock instead of building twice.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
 import sys
 import threading
+import time
 from importlib import resources
 from types import ModuleType
 
@@ -33,6 +35,13 @@ MODES = ("auto", "cpp", "python")
 # (raw rows, hand-vectorised matmuls, one batch slice per thread); anything else runs the loop of ATen
 # ops. Set this to False to force the ATen loop everywhere: the tests and bench/decode.py compare the two.
 use_fused_loop = True
+# The same module also holds attention forward/backward loops for the update's sequences of few tokens
+# (nn/layers.py `Attention`), used for CPU float32 with AVX2/FMA up to this many tokens; False (or
+# model.decode=python) leaves training attention to torch's kernel: the tests compare the two.
+use_training_attention = True
+# The whole update with these loops against torch's kernel at N = 3 / 5 / 10 / 27 / 64 agents:
+# 1.15x / 1.30x / 1.11x / 1.00x / 0.89x as fast (docs/performance.md), hence the limit.
+TRAINING_ATTENTION_MAX_TOKENS = 16
 NAME = "seqmarl_decode"
 
 _lock = threading.Lock()
@@ -54,11 +63,41 @@ def _add_ninja_to_path() -> None:
     os.environ["PATH"] = os.pathsep.join([d for d in dirs if d not in path] + path)
 
 
-def _already_built() -> bool:
+def _build_root() -> str:
     from torch.utils.cpp_extension import get_default_build_root
 
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    return bool(glob.glob(os.path.join(root, "**", f"{NAME}*.so"), recursive=True))
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+
+
+def _already_built() -> bool:
+    return bool(glob.glob(os.path.join(_build_root(), "**", f"{NAME}*.so"), recursive=True))
+
+
+# torch's builder holds `<root>/<name>/lock` while it compiles and every other process waits, silently
+# and for ever, while the file exists. A process killed mid-build (Ctrl-C, a timeout) leaves it behind.
+# A build takes about a minute (a few on a loaded machine), so a lock older than this is stale.
+STALE_BUILD_LOCK_SECONDS = 900
+
+
+def _clear_stale_lock(build_dir: str) -> None:
+    lock = os.path.join(build_dir, "lock")
+    try:
+        age = time.time() - os.path.getmtime(lock)
+    except OSError:
+        return  # no lock: nobody is building
+    if age > STALE_BUILD_LOCK_SECONDS:
+        print(
+            f"seqmarl: removing {lock}, left {age / 60:.0f} minutes ago by a build that was stopped",
+            file=sys.stderr,
+        )
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock)
+    else:
+        print(
+            f"seqmarl: waiting for another process to finish building the C++ decode step ({lock}; "
+            f"if no build is running, delete that file)",
+            file=sys.stderr,
+        )
 
 
 def _build() -> ModuleType:
@@ -70,6 +109,7 @@ def _build() -> ModuleType:
     _add_ninja_to_path()
     if not _already_built():
         print("seqmarl: building the C++ decode step (once per machine, about a minute)...", file=sys.stderr)
+    _clear_stale_lock(os.path.join(_build_root(), NAME))
     source = resources.files("seqmarl.nn") / "csrc" / "decode.cpp"
     with resources.as_file(source) as path:
         return load(NAME, [str(path)], extra_cflags=["-O3"], verbose=False)
@@ -90,6 +130,27 @@ def loop_name(mode: str, device: torch.device) -> str:
     if device.type == "cpu" and use_fused_loop and module.fused_available():
         return "cpp-fused"
     return "cpp-aten"
+
+
+def training_attention(mode: str, x: torch.Tensor) -> ModuleType | None:
+    """The module whose `attention_forward` / `attention_backward` run attention over the tokens of
+    `x` (B, L, H, D), or None for torch's kernel: another device or dtype, more tokens than
+    TRAINING_ATTENTION_MAX_TOKENS, no AVX2/FMA, mode "python", or the switch above off."""
+    if not (
+        use_training_attention
+        and mode != "python"
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.shape[1] <= TRAINING_ATTENTION_MAX_TOKENS
+    ):
+        return None
+    module = extension(mode)
+    return module if module is not None and module.fused_available() else None
+
+
+def attention_name(mode: str, device: torch.device) -> str:
+    """Which kernel attends in training on `device` (float32, few tokens): "cpp" or "sdpa" (meta.json)."""
+    return "cpp" if training_attention(mode, torch.empty(1, 1, 1, 1, device=device)) is not None else "sdpa"
 
 
 def extension(mode: str) -> ModuleType | None:

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seqmarl.nn import cpp_decode
+
 
 def init_linear(layer: nn.Linear, gain: float) -> nn.Linear:
     """Orthogonal weights, zero bias: the initialisation of the reference MAT (REFERENCE.md 2)."""
@@ -24,18 +26,38 @@ RELU_GAIN = math.sqrt(2.0)  # gain for a layer followed by a (GE/Re)LU, as in th
 SMALL_GAIN = 0.01  # gain for every other layer in the reference
 
 
+class _FewTokenAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt D) v with the C++ loops of csrc/decode.cpp, forward and backward, on
+    (B, L, H, D) tensors (no transposes); the softmax weights are kept for the backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, module):
+        out, probs = module.attention_forward(q, k, v, causal)
+        ctx.save_for_backward(q, k, v, probs)
+        ctx.causal, ctx.module = causal, module
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, probs = ctx.saved_tensors
+        return (*ctx.module.attention_backward(grad, q, k, v, probs, ctx.causal), None, None)
+
+
 class Attention(nn.Module):
     """Multi-head attention whose queries and keys/values may come from different token streams.
 
     `forward` attends over whole sequences; the decoder's cached step (nn/mat.py) reuses `heads` and the
-    projection weights.
+    projection weights. `kernel` is a `MATConfig.decode` mode: with "auto"/"cpp", CPU float32 sequences
+    of few tokens are attended by the C++ loops (cpp_decode.training_attention; same maths, summed in
+    another order), everything else by torch's scaled_dot_product_attention.
     """
 
-    def __init__(self, n_embd: int, n_head: int):
+    def __init__(self, n_embd: int, n_head: int, kernel: str = "python"):
         super().__init__()
         if n_embd % n_head != 0:
             raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
         self.n_head = n_head
+        self.kernel = kernel
         self.query = init_linear(nn.Linear(n_embd, n_embd), SMALL_GAIN)
         self.key = init_linear(nn.Linear(n_embd, n_embd), SMALL_GAIN)
         self.value = init_linear(nn.Linear(n_embd, n_embd), SMALL_GAIN)
@@ -48,10 +70,14 @@ class Attention(nn.Module):
     def forward(self, query_source: torch.Tensor, kv_source: torch.Tensor, causal: bool) -> torch.Tensor:
         """query_source (B, L, E), kv_source (B, L, E) -> (B, L, E)."""
         B, L, E = query_source.shape
-        q = self.heads(self.query(query_source))  # (B, H, L, D)
-        k, v = self.heads(self.key(kv_source)), self.heads(self.value(kv_source))  # 2 x (B, H, L, D)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, L, D)
-        return self.proj(y.transpose(1, 2).reshape(B, L, E))  # (B, L, E)
+        q, k, v = self.query(query_source), self.key(kv_source), self.value(kv_source)  # 3 x (B, L, E)
+        per_head = (B, L, self.n_head, E // self.n_head)
+        module = cpp_decode.training_attention(self.kernel, q.view(per_head))
+        if module is not None:
+            y = _FewTokenAttention.apply(q.view(per_head), k.view(per_head), v.view(per_head), causal, module)
+            return self.proj(y.view(B, L, E))  # y: (B, L, H, D)
+        y = F.scaled_dot_product_attention(self.heads(q), self.heads(k), self.heads(v), is_causal=causal)
+        return self.proj(y.transpose(1, 2).reshape(B, L, E))  # y: (B, H, L, D)
 
 
 class MLP(nn.Module):

@@ -56,7 +56,7 @@ class EncoderBlock(nn.Module):
         self.pre_norm = config.pre_norm
         self.ln1 = nn.LayerNorm(config.n_embd)
         self.ln2 = nn.LayerNorm(config.n_embd)
-        self.attn = Attention(config.n_embd, config.n_head)
+        self.attn = Attention(config.n_embd, config.n_head, config.decode)
         self.mlp = MLP(config.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, E) -> (B, N, E)
@@ -79,8 +79,8 @@ class DecoderBlock(nn.Module):
         self.ln1 = nn.LayerNorm(config.n_embd)
         self.ln2 = nn.LayerNorm(config.n_embd)
         self.ln3 = nn.LayerNorm(config.n_embd)
-        self.self_attn = Attention(config.n_embd, config.n_head)
-        self.cross_attn = Attention(config.n_embd, config.n_head)
+        self.self_attn = Attention(config.n_embd, config.n_head, config.decode)
+        self.cross_attn = Attention(config.n_embd, config.n_head, config.decode)
         self.mlp = MLP(config.n_embd)
         if config.pre_norm:
             self.ln_rep = nn.LayerNorm(config.n_embd)  # normalises the encoder stream used as queries

@@ -8,7 +8,8 @@
 // discrete actions, outputs equal within float32 rounding, as tests/test_mat_model.py checks. ATen
 // calls work on CPU and CUDA tensors alike; off CPU the attention and LayerNorm are torch's kernels.
 // On x86-64 CPUs with AVX2 and FMA, CPU float32 decoding runs a second, fused loop instead (namespace
-// fast, below): the same maths on raw rows with no ATen op per agent step.
+// fast, below): the same maths on raw rows with no ATen op per agent step. The same namespace holds the
+// forward and backward of the PPO update's attention over few tokens (attention_forward/_backward).
 //
 // Shape legend: B batch, N agents, E embed, H heads, D = E / H, A action width.
 #include <torch/extension.h>
@@ -616,6 +617,120 @@ std::tuple<Tensor, Tensor> decode(const Tensor& rep_in, const std::vector<std::v
   return {outs, actions};
 }
 
+// ---- Attention over few tokens in training (the PPO update's forward and backward; nn/layers.py) ----
+// q, k, v, out: (B, L, H, D) float32, contiguous (the Linear outputs viewed per head: no transposes);
+// probs (B, H, L, L) the softmax weights, kept for the backward (zero above the diagonal when causal).
+// torch's CPU attention kernel is built for long sequences; at L = 3-27 tokens per sample its fixed
+// cost per (batch, head) dominates, and these loops run forward + backward 2-5x faster (docs/performance.md).
+
+FAST inline void axpy(float a, const float* x, float* y, int64_t n) {  // y += a x
+  const __m256 va = _mm256_set1_ps(a);
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) _mm256_storeu_ps(y + d, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + d), _mm256_loadu_ps(y + d)));
+  for (; d < n; ++d) y[d] += a * x[d];
+}
+
+FAST void attention_rows_forward(const float* q, const float* k, const float* v, float* out, float* probs,
+                                 int64_t L, int64_t H, int64_t D, bool causal, int64_t bh0, int64_t bh1) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const int64_t row = H * D;  // between consecutive tokens of one sample
+  for (int64_t bh = bh0; bh < bh1; ++bh) {
+    const int64_t base = (bh / H) * L * row + (bh % H) * D;
+    float* p = probs + bh * L * L;
+    for (int64_t i = 0; i < L; ++i) {
+      const int64_t n = causal ? i + 1 : L;
+      const float* qi = q + base + i * row;
+      float* pi = p + i * L;
+      float max = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < n; ++j) {
+        pi[j] = dot(qi, k + base + j * row, D) * scale;
+        max = std::max(max, pi[j]);
+      }
+      float sum = 0.0f;
+      for (int64_t j = 0; j < n; ++j) sum += (pi[j] = std::exp(pi[j] - max));
+      const float inv = 1.0f / sum;
+      float* oi = out + base + i * row;
+      std::fill(oi, oi + D, 0.0f);
+      for (int64_t j = 0; j < n; ++j) {
+        pi[j] *= inv;
+        axpy(pi[j], v + base + j * row, oi, D);
+      }
+      std::fill(pi + n, pi + L, 0.0f);
+    }
+  }
+}
+
+// dv_j = sum_i p_ij do_i;  dp_ij = do_i . v_j;  ds_ij = p_ij (dp_ij - sum_j' p_ij' dp_ij');
+// dq_i = scale sum_j ds_ij k_j;  dk_j = scale sum_i ds_ij q_i.  dp: scratch of L floats.
+FAST void attention_rows_backward(const float* dout, const float* q, const float* k, const float* v,
+                                  const float* probs, float* dq, float* dk, float* dv, int64_t L, int64_t H,
+                                  int64_t D, bool causal, int64_t bh0, int64_t bh1, float* dp) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const int64_t row = H * D;
+  for (int64_t bh = bh0; bh < bh1; ++bh) {
+    const int64_t base = (bh / H) * L * row + (bh % H) * D;
+    const float* p = probs + bh * L * L;
+    for (int64_t j = 0; j < L; ++j) {
+      std::fill(dk + base + j * row, dk + base + j * row + D, 0.0f);
+      std::fill(dv + base + j * row, dv + base + j * row + D, 0.0f);
+    }
+    for (int64_t i = 0; i < L; ++i) {
+      const int64_t n = causal ? i + 1 : L;
+      const float* doi = dout + base + i * row;
+      const float* pi = p + i * L;
+      float weighted = 0.0f;
+      for (int64_t j = 0; j < n; ++j) {
+        dp[j] = dot(doi, v + base + j * row, D);
+        weighted += pi[j] * dp[j];
+        axpy(pi[j], doi, dv + base + j * row, D);
+      }
+      const float* qi = q + base + i * row;
+      float* dqi = dq + base + i * row;
+      std::fill(dqi, dqi + D, 0.0f);
+      for (int64_t j = 0; j < n; ++j) {
+        const float ds = pi[j] * (dp[j] - weighted) * scale;
+        axpy(ds, k + base + j * row, dqi, D);
+        axpy(ds, qi, dk + base + j * row, D);
+      }
+    }
+  }
+}
+
+void check_attention(const std::vector<Tensor>& ts) {
+  for (const auto& t : ts) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 4,
+                "attention: CPU float32 contiguous (B, L, H, D) tensors only");
+  }
+  TORCH_CHECK(supported(), "attention: needs a CPU with AVX2 and FMA");
+}
+
+std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, bool causal) {
+  check_attention({q, k, v});
+  const int64_t B = q.size(0), L = q.size(1), H = q.size(2), D = q.size(3);
+  Tensor out = at::empty_like(q), probs = at::empty({B, H, L, L}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float *op = out.data_ptr<float>(), *pp = probs.data_ptr<float>();
+  at::parallel_for(0, B * H, 64, [&](int64_t bh0, int64_t bh1) {
+    attention_rows_forward(qp, kp, vp, op, pp, L, H, D, causal, bh0, bh1);
+  });
+  return {out, probs};
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& dout_in, const Tensor& q, const Tensor& k,
+                                                      const Tensor& v, const Tensor& probs, bool causal) {
+  const Tensor dout = dout_in.contiguous();
+  check_attention({dout, q, k, v, probs});
+  const int64_t L = q.size(1), H = q.size(2), D = q.size(3);
+  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  at::parallel_for(0, q.size(0) * H, 64, [&](int64_t bh0, int64_t bh1) {
+    std::vector<float> dp(L);
+    attention_rows_backward(dout.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
+                            probs.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(),
+                            dv.data_ptr<float>(), L, H, D, causal, bh0, bh1, dp.data());
+  });
+  return {dq, dk, dv};
+}
+
 #else
 
 bool supported() { return false; }
@@ -624,6 +739,13 @@ std::tuple<Tensor, Tensor> decode(const Tensor&, const std::vector<std::vector<T
                                   const Tensor&, const std::optional<Tensor>&, const std::vector<Tensor>&,
                                   const std::optional<Tensor>&, int64_t, bool) {
   TORCH_CHECK(false, "decode: the fused CPU loop needs an x86-64 build");
+}
+std::tuple<Tensor, Tensor> attention_forward(const Tensor&, const Tensor&, const Tensor&, bool) {
+  TORCH_CHECK(false, "attention: needs an x86-64 build");
+}
+std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                      const Tensor&, bool) {
+  TORCH_CHECK(false, "attention: needs an x86-64 build");
 }
 
 #endif
@@ -715,4 +837,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_available", [] { return SEQMARL_FAST_DECODE && fast_supported(); },
         "whether decode's fused CPU loop runs on this machine (x86-64 with AVX2 and FMA)");
   m.def("attend_one", &attend_one, "attention of one query per (batch, head): q (B, H, 1, D), k, v (B, H, L, D)");
+  m.def("attention_forward", &fast::attention_forward,
+        "training attention over few tokens: q, k, v (B, L, H, D) -> out (B, L, H, D), probs (B, H, L, L)");
+  m.def("attention_backward", &fast::attention_backward,
+        "its backward: dout, q, k, v, probs -> dq, dk, dv");
 }
