@@ -2,11 +2,12 @@
 through `MATAlgorithm.update` (the trainer's own code path), against the matmul rate measured in this run.
 
     python bench/update.py [--quick] [--json OUT] [--baseline FILE] [--compare-attention]
-                           [--reference-src DIR]
+                           [--compare-fused] [--reference-src DIR]
 
 With `--compare-attention` every row also times the same update with torch's attention kernel instead of
 the C++ loops for few tokens (nn/layers.py, `cpp_decode.use_training_attention`), alternating call by
-call, and prints the gain.
+call, and prints the gain. `--compare-fused` does the same with torch's GELU and LayerNorm instead of
+the C++ ones (`cpp_decode.use_training_fused`).
 
 With `--reference-src DIR` (a checkout of PKU-MARL/Multi-Agent-Transformer, e.g. be3ff49) every row also
 times the reference's own update on the same batch in the same process: its `MultiAgentTransformer`
@@ -123,6 +124,7 @@ def bench_row(
     square_rate: float,
     ref: types.SimpleNamespace | None = None,
     compare_attention: bool = False,
+    compare_fused: bool = False,
 ) -> dict:
     spec = EnvSpec("bench", N, OBS_DIM, OBS_DIM, DiscreteActions(ACTIONS), 100, False)
     torch.manual_seed(0)
@@ -130,28 +132,33 @@ def bench_row(
     batch = synthetic_batch(samples, N, device)
     generator = torch.Generator().manual_seed(0)
 
-    def update(training_attention: bool) -> Callable[[], None]:
+    switches = (cpp_decode.use_training_attention, cpp_decode.use_training_fused)  # as the user left them
+
+    def update(attention: bool, fused: bool) -> Callable[[], None]:
         def run() -> None:
-            cpp_decode.use_training_attention = training_attention
+            cpp_decode.use_training_attention, cpp_decode.use_training_fused = attention, fused
             algorithm.update(batch, 5e-4, generator)
 
         return run
 
-    fns = {"ours": update(True)}
+    fns = {"ours": update(*switches)}
     if compare_attention:  # the same update with torch's attention kernel throughout
-        fns["sdpa"] = update(False)
+        fns["sdpa"] = update(False, switches[1])
+    if compare_fused:  # ... with torch's GELU and LayerNorm
+        fns["torch_fused"] = update(switches[0], False)
     if ref is not None:
         fns["reference"] = reference_update(ref, batch, device)
-    if len(fns) == 1:
-        update_ms = common.time_ms(fns["ours"], device, repeats, warmup=2)
-        timed = {}
-    else:
-        timed = common.time_alternating_ms(fns, device, repeats, warmup=2)
-        update_ms = timed["ours"]
-    cpp_decode.use_training_attention = True
+    try:
+        if len(fns) == 1:
+            update_ms = common.time_ms(fns["ours"], device, repeats, warmup=2)
+            timed = {}
+        else:
+            timed = common.time_alternating_ms(fns, device, repeats, warmup=2)
+            update_ms = timed["ours"]
+    finally:
+        cpp_decode.use_training_attention, cpp_decode.use_training_fused = switches
     reference_same_run_ms, sdpa_ms = timed.get("reference"), timed.get("sdpa")
-    few = N <= cpp_decode.TRAINING_ATTENTION_MAX_TOKENS
-    attention = cpp_decode.attention_name("auto", device) if few else "sdpa"
+    torch_fused_ms = timed.get("torch_fused")
     tokens = samples * N
     flops_per_token = common.train_flops_per_token(common.ModelShape(N, OBS_DIM, ACTIONS, discrete=True))
     achieved = flops_per_token * tokens / (update_ms / 1e3) / 1e9
@@ -164,9 +171,12 @@ def bench_row(
         "reference_ms": REFERENCE_UPDATE_MS.get(N) if samples == 3200 else None,
         "reference_same_run_ms": reference_same_run_ms,
         "ours_over_reference": update_ms / reference_same_run_ms if reference_same_run_ms else None,
-        "train_attention": attention,
+        "train_attention": cpp_decode.attention_name("auto", device, tokens=N),
         "sdpa_attention_ms": sdpa_ms,
         "attention_gain": sdpa_ms / update_ms if sdpa_ms else None,
+        "train_fused": cpp_decode.fused_name("auto", device),
+        "torch_fused_ms": torch_fused_ms,
+        "fused_gain": torch_fused_ms / update_ms if torch_fused_ms else None,
         "tokens_per_s": tokens / (update_ms / 1e3),
         "mflops_per_token": flops_per_token / 1e6,
         "gflops": achieved,
@@ -193,6 +203,11 @@ def main() -> int:
         action="store_true",
         help="also time the same update with torch's attention kernel (not the C++ one), alternating",
     )
+    p.add_argument(
+        "--compare-fused",
+        action="store_true",
+        help="also time the same update with torch's GELU and LayerNorm (not the C++ ones), alternating",
+    )
     args = p.parse_args()
     if args.quick:
         args.agents, args.samples, args.repeats = [3], 64, 2
@@ -207,7 +222,8 @@ def main() -> int:
     ref = load_reference(args.reference_src) if args.reference_src else None
     rows = []
     for N in args.agents:
-        row = bench_row(N, args.samples, args.repeats, device, square_rate, ref, args.compare_attention)
+        compare = (args.compare_attention, args.compare_fused)
+        row = bench_row(N, args.samples, args.repeats, device, square_rate, ref, *compare)
         rows.append(row)
         print(f"  {rows[-1]['name']}: {rows[-1]['update_ms']:.1f} ms", file=sys.stderr)
     common.print_table(
@@ -232,6 +248,15 @@ def main() -> int:
                     ("attention_gain", "C++ attention gain", ".2f"),
                 ]
                 if args.compare_attention
+                else []
+            ),
+            ("train_fused", "GELU/LayerNorm", "s"),
+            *(
+                [
+                    ("torch_fused_ms", "with torch's GELU/LayerNorm ms", ".1f"),
+                    ("fused_gain", "C++ GELU/LayerNorm gain", ".2f"),
+                ]
+                if args.compare_fused
                 else []
             ),
             ("tokens_per_s", "tokens/s", ",.0f"),

@@ -30,7 +30,11 @@ def run_script(name: str, *argv: str) -> subprocess.CompletedProcess:
     [
         ("decode.py", [], ["cached_ms", "uncached_ms", "speedup", "outputs_match"]),
         ("update.py", [], ["update_ms", "gflops", "matmul_model_shape_gflops"]),
-        ("update.py", ["--compare-attention"], ["update_ms", "sdpa_attention_ms", "attention_gain"]),
+        (
+            "update.py",
+            ["--compare-attention", "--compare-fused"],
+            ["update_ms", "sdpa_attention_ms", "attention_gain", "torch_fused_ms", "fused_gain"],
+        ),
         ("train.py", [], ["steps_per_s", "steps_per_cpu_s", "bound_steps_per_s", "fraction_of_bound"]),
     ],
 )

@@ -310,7 +310,7 @@ def test_cpp_training_attention_matches_torch_forward_and_backward(tokens, heads
     def run(use_cpp: bool, dtype: torch.dtype) -> list[torch.Tensor]:
         monkeypatch.setattr(cpp_decode, "use_training_attention", use_cpp)
         attention.to(dtype).zero_grad()
-        inputs = [x.to(dtype).requires_grad_() for x in (queries, keys)]
+        inputs = [x.to(dtype, copy=True).requires_grad_() for x in (queries, keys)]  # fresh leaves
         out = attention(*inputs, causal=causal)
         (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
         grads = [x.grad for x in inputs] + [p.grad for p in attention.parameters()]
@@ -323,6 +323,114 @@ def test_cpp_training_attention_matches_torch_forward_and_backward(tokens, heads
         assert error <= 2 * torch_error + 1e-6 * truth.abs().max().item() + 1e-9, (error, torch_error)
 
 
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the C++ decode step cannot be built here")
+@pytest.mark.parametrize("shape", [(7, 5, 64), (3, 2, 100), (600, 20)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_cpp_gelu_and_layer_norm_match_torch_forward_and_backward(shape, residual, monkeypatch):
+    """The update's GELU and residual + LayerNorm (csrc/decode.cpp, nn/layers.py): outputs and the
+    gradients of the input, the residual, the weight and the bias are as close to a float64
+    computation as torch's float32 kernels are. Widths on and off the vector width (64, 100, 20), and
+    more rows than one chunk of the backward's weight sums (600 > 256)."""
+    from torch import nn
+
+    from seqmarl.nn.layers import add_layer_norm, gelu
+
+    if not cpp_decode.extension("cpp").fused_available():
+        pytest.skip("this CPU has no AVX2/FMA: torch's kernels run in training here")
+    torch.manual_seed(len(shape) + int(residual))
+    ln = nn.LayerNorm(shape[-1])
+    with torch.no_grad():
+        ln.weight.add_(0.5 * torch.randn_like(ln.weight))
+        ln.bias.add_(0.5 * torch.randn_like(ln.bias))
+    x0, r0 = (2.0 * torch.randn(2, *shape)).unbind(0)
+    assert cpp_decode.training_kernels("cpp", x0) is not None
+
+    def run(use_cpp: bool, dtype: torch.dtype) -> list[torch.Tensor]:
+        monkeypatch.setattr(cpp_decode, "use_training_fused", use_cpp)
+        ln.to(dtype).zero_grad()
+        x, r = (t.to(dtype, copy=True).requires_grad_() for t in (x0, r0))  # fresh leaves
+        y = add_layer_norm(gelu(x, "cpp"), r if residual else None, ln, "cpp")
+        (y * torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y)).sum().backward()
+        grads = [x.grad, r.grad if residual else torch.zeros(1), ln.weight.grad, ln.bias.grad]
+        return [t.double() for t in (y, *grads)]
+
+    exact = run(False, torch.float64)  # torch's kernels in float64: the reference
+    ours, torchs = run(True, torch.float32), run(False, torch.float32)
+    for mine, theirs, truth in zip(ours, torchs, exact, strict=True):
+        error, torch_error = (mine - truth).abs().max().item(), (theirs - truth).abs().max().item()
+        assert error <= 2 * torch_error + 1e-6 * truth.abs().max().item() + 1e-9, (error, torch_error)
+
+
+def test_cpp_layer_norm_without_grad_keeps_nothing_and_matches():
+    """Under no_grad (acting) the C++ LayerNorm computes the output only, and it is torch's."""
+    from torch import nn
+
+    from seqmarl.nn.layers import add_layer_norm
+
+    if not HAS_COMPILER or not cpp_decode.extension("cpp").fused_available():
+        pytest.skip("no C++ build or no AVX2/FMA here")
+    ln, x = nn.LayerNorm(36), torch.randn(50, 36)
+    module = cpp_decode.training_kernels("cpp", x)
+    with torch.no_grad():
+        y, xhat, rstd = module.add_layer_norm_forward(x, None, ln.weight, ln.bias, False)
+        assert xhat.numel() == 0 and rstd.numel() == 0
+        torch.testing.assert_close(add_layer_norm(x, None, ln, "cpp"), ln(x))
+    torch.testing.assert_close(y, ln(x).detach())
+
+
+def test_cpp_training_kernels_give_the_same_bits_with_any_thread_count():
+    """The C++ loops split rows across OpenMP threads (the module is built with -fopenmp on Linux), and
+    the LayerNorm backward sums its weight gradients per fixed chunk of rows: 1 and 2 threads give
+    identical bits, so a run's numbers do not depend on `run.threads` through these kernels."""
+    if not HAS_COMPILER or not cpp_decode.extension("cpp").fused_available():
+        pytest.skip("no C++ build or no AVX2/FMA here")
+    module = cpp_decode.extension("cpp")
+    g = torch.Generator().manual_seed(0)
+    x, r, dy = (torch.randn(1000, 5, 64, generator=g) for _ in range(3))
+    w, b = torch.randn(64, generator=g), torch.randn(64, generator=g)
+    q, k, v, do = (torch.randn(700, 6, 2, 32, generator=g) for _ in range(4))
+
+    def everything() -> list[torch.Tensor]:
+        y, xhat, rstd = module.add_layer_norm_forward(x, r, w, b, True)
+        out, probs = module.attention_forward(q, k, v, True)
+        return [
+            module.gelu_forward(x),
+            module.gelu_backward(dy, x),
+            y,
+            *module.layer_norm_backward(dy, xhat, rstd, w),
+            out,
+            *module.attention_backward(do, q, k, v, probs, True),
+        ]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = everything()
+        torch.set_num_threads(2)
+        two = everything()
+    finally:
+        torch.set_num_threads(threads)
+    for a, c in zip(one, two, strict=True):
+        assert torch.equal(a, c)
+
+
+def test_training_kernels_go_to_torch_beyond_their_domain(monkeypatch):
+    """float64, mode python, the switch off, or a LayerNorm with another epsilon: torch's kernels."""
+    from torch import nn
+
+    from seqmarl.nn.layers import add_layer_norm
+
+    x = torch.zeros(2, 4, 8)
+    assert cpp_decode.training_kernels("python", x) is None
+    assert cpp_decode.training_kernels("auto", x.double()) is None
+    assert cpp_decode.fused_name("python", torch.device("cpu")) == "torch"
+    monkeypatch.setattr(cpp_decode, "use_training_fused", False)
+    assert cpp_decode.training_kernels("auto", x) is None
+    monkeypatch.setattr(cpp_decode, "use_training_fused", True)
+    ln = nn.LayerNorm(8, eps=1e-3)
+    torch.testing.assert_close(add_layer_norm(x + 1.0, x, ln, "auto"), ln(x + 1.0))
+
+
 def test_training_attention_goes_to_torch_beyond_its_domain():
     """More tokens than the C++ loops are faster for, float64, mode python: torch's kernel."""
     few = torch.zeros(2, 4, 1, 8)
@@ -331,6 +439,7 @@ def test_training_attention_goes_to_torch_beyond_its_domain():
     assert cpp_decode.training_attention("auto", many) is None
     assert cpp_decode.training_attention("auto", few.double()) is None
     assert cpp_decode.attention_name("python", torch.device("cpu")) == "sdpa"
+    assert cpp_decode.attention_name("auto", torch.device("cpu"), tokens=many.shape[1]) == "sdpa"
 
 
 def test_a_stale_build_lock_is_removed_and_a_fresh_one_waited_for(tmp_path, capsys):

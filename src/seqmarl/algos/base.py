@@ -148,9 +148,9 @@ class PPOAlgorithm:
                 out = self._evaluate(mb)
                 mask = mb.alive
                 policy_loss, diagnostics = ppo_losses.clipped_surrogate(
-                    out.log_prob, mb.log_prob, advantages[idx], ppo.clip, mask
+                    out.log_prob, mb.log_prob, advantages.index_select(0, idx), ppo.clip, mask
                 )
-                value_loss = self._value_loss(out.value, mb.values, targets[idx], mask)
+                value_loss = self._value_loss(out.value, mb.values, targets.index_select(0, idx), mask)
                 entropy = ppo_losses.masked_mean(out.entropy, mask)
                 loss = policy_loss + ppo.value_coef * value_loss - ppo.entropy_coef * entropy
 

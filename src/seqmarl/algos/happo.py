@@ -97,11 +97,14 @@ class HAPPOAlgorithm(PPOAlgorithm):
             )
             old_log_prob, alive, adv = batch.log_prob[:, i], batch.alive[:, i], advantages[:, i]
             for idx in minibatches():
-                log_prob, entropy = actor.log_prob_entropy(obs[idx], mask[idx], actions[idx])  # (b, 1)
-                policy_loss, diagnostics = ppo_losses.clipped_surrogate(
-                    log_prob[:, 0], old_log_prob[idx], adv[idx], ppo.clip, alive[idx], weight=factor[idx]
+                obs_b, mask_b, actions_b, old_b, adv_b, alive_b, factor_b = (
+                    x.index_select(0, idx) for x in (obs, mask, actions, old_log_prob, adv, alive, factor)
                 )
-                entropy = ppo_losses.masked_mean(entropy[:, 0], alive[idx])
+                log_prob, entropy = actor.log_prob_entropy(obs_b, mask_b, actions_b)  # (b, 1)
+                policy_loss, diagnostics = ppo_losses.clipped_surrogate(
+                    log_prob[:, 0], old_b, adv_b, ppo.clip, alive_b, weight=factor_b
+                )
+                entropy = ppo_losses.masked_mean(entropy[:, 0], alive_b)
                 loss = policy_loss - ppo.entropy_coef * entropy
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -125,7 +128,7 @@ class HAPPOAlgorithm(PPOAlgorithm):
         # 2. the centralised critic V(state), on the joint value targets.
         everyone = torch.ones(B, dtype=torch.bool, device=self.device)
         for idx in minibatches():
-            value = self.model.critic(batch.state[idx][:, None])[:, 0]  # (b,)
+            value = self.model.critic(batch.state.index_select(0, idx)[:, None])[:, 0]  # (b,)
             value_loss = ppo_losses.clipped_value_loss(
                 value,
                 batch.values[idx, 0],

@@ -25,12 +25,13 @@ class MATAlgorithm(PPOAlgorithm):
         super().__init__(spec, ppo, device, MultiAgentTransformer(model_config, spec))
 
     def provenance(self) -> dict[str, str]:
-        """Written into meta.json: which cached decode loop acts and which kernel attends in the update
-        (they round differently)."""
+        """Written into meta.json: which cached decode loop acts, which kernel attends in the update and
+        which GELU / LayerNorm kernels run (they round differently)."""
         mode = self.model.config.decode
         return {
             "decode_loop": cpp_decode.loop_name(mode, self.device),
             "train_attention": cpp_decode.attention_name(mode, self.device),
+            "train_fused": cpp_decode.fused_name(mode, self.device),
         }
 
     def _act(self, obs, state, mask, deterministic) -> ActOutput:  # the global state is not used

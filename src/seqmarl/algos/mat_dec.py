@@ -39,8 +39,12 @@ class MATDecAlgorithm(PPOAlgorithm):
         self.decode_mode = model.decode
 
     def provenance(self) -> dict[str, str]:
-        """Written into meta.json: which kernel attends in the encoder (they round differently)."""
-        return {"train_attention": cpp_decode.attention_name(self.decode_mode, self.device)}
+        """Written into meta.json: which kernels attend and run GELU / LayerNorm in the encoder (they
+        round differently)."""
+        return {
+            "train_attention": cpp_decode.attention_name(self.decode_mode, self.device),
+            "train_fused": cpp_decode.fused_name(self.decode_mode, self.device),
+        }
 
     def _act(self, obs, state, mask, deterministic) -> ActOutput:
         actions, log_prob = self.model.actor.sample(obs, mask, deterministic)

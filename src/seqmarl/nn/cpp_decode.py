@@ -42,6 +42,10 @@ use_training_attention = True
 # The whole update with these loops against torch's kernel at N = 3 / 5 / 10 / 27 / 64 agents:
 # 1.15x / 1.30x / 1.11x / 1.00x / 0.89x as fast (docs/performance.md), hence the limit.
 TRAINING_ATTENTION_MAX_TOKENS = 16
+# And GELU and residual + LayerNorm forward/backward in one pass each (nn/layers.py `gelu`,
+# `add_layer_norm`), for CPU float32 with AVX2/FMA at any size; False leaves them to torch.
+use_training_fused = True
+LAYER_NORM_EPS = 1e-5  # the C++ LayerNorm's epsilon (nn.LayerNorm's default); other values go to torch
 NAME = "seqmarl_decode"
 
 _lock = threading.Lock()
@@ -112,7 +116,15 @@ def _build() -> ModuleType:
     _clear_stale_lock(os.path.join(_build_root(), NAME))
     source = resources.files("seqmarl.nn") / "csrc" / "decode.cpp"
     with resources.as_file(source) as path:
-        return load(NAME, [str(path)], extra_cflags=["-O3"], verbose=False)
+        return load(NAME, [str(path)], extra_cflags=["-O3", *openmp_flags()], verbose=False)
+
+
+def openmp_flags() -> list[str]:
+    """`-fopenmp` where torch itself runs on OpenMP (its Linux wheels). Without it, `at::parallel_for` in
+    csrc/decode.cpp compiles to a plain serial loop, and every C++ loop ran on one thread whatever
+    `run.threads` said (docs/performance.md, "OpenMP in the C++ loops"). Only the compile flag: the
+    module links no OpenMP runtime of its own, its GOMP_* calls resolve to the one torch has loaded."""
+    return ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else []
 
 
 def check_mode(mode: str) -> None:
@@ -132,25 +144,39 @@ def loop_name(mode: str, device: torch.device) -> str:
     return "cpp-aten"
 
 
-def training_attention(mode: str, x: torch.Tensor) -> ModuleType | None:
-    """The module whose `attention_forward` / `attention_backward` run attention over the tokens of
-    `x` (B, L, H, D), or None for torch's kernel: another device or dtype, more tokens than
-    TRAINING_ATTENTION_MAX_TOKENS, no AVX2/FMA, mode "python", or the switch above off."""
-    if not (
-        use_training_attention
-        and mode != "python"
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and x.shape[1] <= TRAINING_ATTENTION_MAX_TOKENS
-    ):
+def _vector_module(mode: str, x: torch.Tensor) -> ModuleType | None:
+    """The module when its AVX2/FMA loops can take `x`: CPU float32, mode auto/cpp, a CPU with AVX2/FMA."""
+    if mode == "python" or x.device.type != "cpu" or x.dtype != torch.float32:
         return None
     module = extension(mode)
     return module if module is not None and module.fused_available() else None
 
 
-def attention_name(mode: str, device: torch.device) -> str:
-    """Which kernel attends in training on `device` (float32, few tokens): "cpp" or "sdpa" (meta.json)."""
-    return "cpp" if training_attention(mode, torch.empty(1, 1, 1, 1, device=device)) is not None else "sdpa"
+def training_attention(mode: str, x: torch.Tensor) -> ModuleType | None:
+    """The module whose `attention_forward` / `attention_backward` run attention over the tokens of
+    `x` (B, L, H, D), or None for torch's kernel: another device or dtype, more tokens than
+    TRAINING_ATTENTION_MAX_TOKENS, no AVX2/FMA, mode "python", or the switch above off."""
+    if not use_training_attention or x.shape[1] > TRAINING_ATTENTION_MAX_TOKENS:
+        return None
+    return _vector_module(mode, x)
+
+
+def training_kernels(mode: str, x: torch.Tensor) -> ModuleType | None:
+    """The module whose GELU and residual + LayerNorm loops take `x`, or None for torch's: another
+    device or dtype, no AVX2/FMA, mode "python", or `use_training_fused` off."""
+    return _vector_module(mode, x) if use_training_fused else None
+
+
+def attention_name(mode: str, device: torch.device, tokens: int = 1) -> str:
+    """Which kernel attends in training on `device` (float32) over `tokens` tokens: "cpp" or "sdpa"
+    (meta.json, bench/update.py)."""
+    probe = torch.empty(1, tokens, 1, 1, device=device)
+    return "cpp" if training_attention(mode, probe) is not None else "sdpa"
+
+
+def fused_name(mode: str, device: torch.device) -> str:
+    """Which GELU / LayerNorm kernels run in training on `device` (float32): "cpp" or "torch" (meta.json)."""
+    return "cpp" if training_kernels(mode, torch.empty(1, device=device)) is not None else "torch"
 
 
 def extension(mode: str) -> ModuleType | None:

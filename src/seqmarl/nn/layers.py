@@ -43,6 +43,58 @@ class _FewTokenAttention(torch.autograd.Function):
         return (*ctx.module.attention_backward(grad, q, k, v, probs, ctx.causal), None, None)
 
 
+class _Gelu(torch.autograd.Function):
+    """Exact (erf) GELU with the C++ loops of csrc/decode.cpp; the input is kept for the backward."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.save_for_backward(x)
+        ctx.module = module
+        return module.gelu_forward(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return ctx.module.gelu_backward(grad, x), None
+
+
+class _AddLayerNorm(torch.autograd.Function):
+    """LayerNorm(x + residual) (or of x alone) over the last dimension in one pass, with the C++ loops of
+    csrc/decode.cpp; the normalised rows and 1/std are kept for the backward."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, module, keep: bool):
+        y, xhat, rstd = module.add_layer_norm_forward(x, residual, weight, bias, keep)
+        ctx.save_for_backward(xhat, rstd, weight)
+        ctx.module, ctx.has_residual = module, residual is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        xhat, rstd, weight = ctx.saved_tensors
+        ds, dw, db = ctx.module.layer_norm_backward(grad, xhat, rstd, weight)
+        return ds, (ds if ctx.has_residual else None), dw, db, None, None
+
+
+def gelu(x: torch.Tensor, kernel: str) -> torch.Tensor:
+    """F.gelu, by the C++ loops where `cpp_decode.training_kernels(kernel, x)` allows (same maths)."""
+    module = cpp_decode.training_kernels(kernel, x)
+    return F.gelu(x) if module is None else _Gelu.apply(x, module)
+
+
+def add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, ln: nn.LayerNorm, kernel: str
+) -> torch.Tensor:
+    """ln(x + residual) (ln(x) when residual is None), by the C++ loops where `kernel` allows."""
+    module = cpp_decode.training_kernels(kernel, x)
+    if module is None or ln.weight is None or ln.eps != cpp_decode.LAYER_NORM_EPS:
+        return ln(x if residual is None else x + residual)
+    # Inside `forward` grad mode is off, so whether a backward can come is decided here.
+    inputs = (x, residual, ln.weight)
+    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    return _AddLayerNorm.apply(x, residual, ln.weight, ln.bias, module, keep)
+
+
 class Attention(nn.Module):
     """Multi-head attention whose queries and keys/values may come from different token streams.
 
@@ -83,10 +135,11 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """Token-wise feed-forward layer; hidden width = n_embd as in the reference."""
 
-    def __init__(self, n_embd: int):
+    def __init__(self, n_embd: int, kernel: str = "python"):
         super().__init__()
+        self.kernel = kernel
         self.fc = init_linear(nn.Linear(n_embd, n_embd), RELU_GAIN)
         self.proj = init_linear(nn.Linear(n_embd, n_embd), SMALL_GAIN)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x)))
+        return self.proj(gelu(self.fc(x), self.kernel))

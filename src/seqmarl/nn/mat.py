@@ -30,7 +30,7 @@ from torch import nn
 
 from seqmarl.nn import cpp_decode
 from seqmarl.nn import distributions as dist
-from seqmarl.nn.layers import MLP, RELU_GAIN, SMALL_GAIN, Attention, init_linear
+from seqmarl.nn.layers import MLP, RELU_GAIN, SMALL_GAIN, Attention, add_layer_norm, gelu, init_linear
 from seqmarl.types import ActOutput, ContinuousActions, DiscreteActions, EnvSpec, EvalOutput
 
 
@@ -53,19 +53,20 @@ class MATConfig:
 class EncoderBlock(nn.Module):
     def __init__(self, config: MATConfig):
         super().__init__()
-        self.pre_norm = config.pre_norm
+        self.pre_norm, self.kernel = config.pre_norm, config.decode
         self.ln1 = nn.LayerNorm(config.n_embd)
         self.ln2 = nn.LayerNorm(config.n_embd)
         self.attn = Attention(config.n_embd, config.n_head, config.decode)
-        self.mlp = MLP(config.n_embd)
+        self.mlp = MLP(config.n_embd, config.decode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, E) -> (B, N, E)
+        k = self.kernel
         if self.pre_norm:
-            h = self.ln1(x)
+            h = add_layer_norm(x, None, self.ln1, k)
             x = x + self.attn(h, h, causal=False)
-            return x + self.mlp(self.ln2(x))
-        x = self.ln1(x + self.attn(x, x, causal=False))
-        return self.ln2(x + self.mlp(x))
+            return x + self.mlp(add_layer_norm(x, None, self.ln2, k))
+        x = add_layer_norm(x, self.attn(x, x, causal=False), self.ln1, k)
+        return add_layer_norm(x, self.mlp(x), self.ln2, k)
 
 
 class DecoderBlock(nn.Module):
@@ -75,35 +76,36 @@ class DecoderBlock(nn.Module):
 
     def __init__(self, config: MATConfig):
         super().__init__()
-        self.pre_norm = config.pre_norm
+        self.pre_norm, self.kernel = config.pre_norm, config.decode
         self.ln1 = nn.LayerNorm(config.n_embd)
         self.ln2 = nn.LayerNorm(config.n_embd)
         self.ln3 = nn.LayerNorm(config.n_embd)
         self.self_attn = Attention(config.n_embd, config.n_head, config.decode)
         self.cross_attn = Attention(config.n_embd, config.n_head, config.decode)
-        self.mlp = MLP(config.n_embd)
+        self.mlp = MLP(config.n_embd, config.decode)
         if config.pre_norm:
             self.ln_rep = nn.LayerNorm(config.n_embd)  # normalises the encoder stream used as queries
 
     # The three sub-layers, written once and used by both the full pass and the cached step.
+    # (add_layer_norm(x, r, ln, kernel) is ln(x + r), or ln(x) for r = None, in one pass where it can.)
     def _self_in(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ln1(x) if self.pre_norm else x
+        return add_layer_norm(x, None, self.ln1, self.kernel) if self.pre_norm else x
 
     def _after_self(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        return x + attended if self.pre_norm else self.ln1(x + attended)
+        return x + attended if self.pre_norm else add_layer_norm(x, attended, self.ln1, self.kernel)
 
     def _cross_kv_in(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ln2(x) if self.pre_norm else x
+        return add_layer_norm(x, None, self.ln2, self.kernel) if self.pre_norm else x
 
     def _cross_q_in(self, rep: torch.Tensor) -> torch.Tensor:
-        return self.ln_rep(rep) if self.pre_norm else rep
+        return add_layer_norm(rep, None, self.ln_rep, self.kernel) if self.pre_norm else rep
 
     def _after_cross(self, rep: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        y = rep + attended
         if self.pre_norm:
-            return y + self.mlp(self.ln3(y))
-        y = self.ln2(y)
-        return self.ln3(y + self.mlp(y))
+            y = rep + attended
+            return y + self.mlp(add_layer_norm(y, None, self.ln3, self.kernel))
+        y = add_layer_norm(rep, attended, self.ln2, self.kernel)
+        return add_layer_norm(y, self.mlp(y), self.ln3, self.kernel)
 
     def forward(self, x: torch.Tensor, rep: torch.Tensor) -> torch.Tensor:
         """x: (B, N, E) action tokens, rep: (B, N, E) encoded observations -> (B, N, E)."""
@@ -191,14 +193,28 @@ class DecoderCache:
 CPP_WEIGHT_ORDER = ("qkv", "self_proj", "cross_kv", "cross_proj", "mlp_fc", "mlp_proj", "ln1", "ln2", "ln3")
 
 
-def _head(n_embd: int, n_out: int) -> nn.Sequential:
-    """Linear -> GELU -> LayerNorm -> Linear, as the reference's value and policy heads."""
-    return nn.Sequential(
-        init_linear(nn.Linear(n_embd, n_embd), RELU_GAIN),
-        nn.GELU(),
-        nn.LayerNorm(n_embd),
-        init_linear(nn.Linear(n_embd, n_out), SMALL_GAIN),
-    )
+class Head(nn.Sequential):
+    """Linear -> GELU -> LayerNorm -> Linear, as the reference's value and policy heads. A Sequential,
+    so parameter names (and checkpoints) stay `<head>.0.weight` ...; `forward` runs GELU and LayerNorm
+    through `kernel` (nn/layers.py)."""
+
+    def __init__(self, n_embd: int, n_out: int, kernel: str):
+        super().__init__(
+            init_linear(nn.Linear(n_embd, n_embd), RELU_GAIN),
+            nn.GELU(),
+            nn.LayerNorm(n_embd),
+            init_linear(nn.Linear(n_embd, n_out), SMALL_GAIN),
+        )
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = gelu(self[0](x), self.kernel)
+        return self[3](add_layer_norm(hidden, None, self[2], self.kernel))
+
+
+def final_norm(ln: nn.Module, x: torch.Tensor, kernel: str) -> torch.Tensor:
+    """A stack's last LayerNorm (pre-LayerNorm models) through `kernel`, or nothing (nn.Identity)."""
+    return x if isinstance(ln, nn.Identity) else add_layer_norm(x, None, ln, kernel)
 
 
 class EncoderMixin:
@@ -214,14 +230,17 @@ class EncoderMixin:
         self.enc_ln = nn.LayerNorm(E)
         self.enc_blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_block))
         self.enc_ln_final = nn.LayerNorm(E) if config.pre_norm else nn.Identity()
-        self.value_head = _head(E, 1)
+        self.value_head = Head(E, 1, config.decode)
+        self.kernel = config.decode  # which GELU / LayerNorm kernels run (nn/layers.py)
 
     def encode(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """obs (B, N, O) -> encoded tokens (B, N, E), per-agent values (B, N)."""
-        x = self.enc_ln(F.gelu(self.obs_embed(obs)))  # (B, N, E)
+        k = self.kernel
+        embedded = self.obs_embed[1](add_layer_norm(obs, None, self.obs_embed[0], k))
+        x = add_layer_norm(gelu(embedded, k), None, self.enc_ln, k)  # (B, N, E)
         for block in self.enc_blocks:
             x = block(x)
-        rep = self.enc_ln_final(x)
+        rep = final_norm(self.enc_ln_final, x, k)
         return rep, self.value_head(rep).squeeze(-1)
 
     def values(self, obs: torch.Tensor) -> torch.Tensor:
@@ -251,7 +270,7 @@ class MultiAgentTransformer(EncoderMixin, nn.Module):
         self.dec_ln = nn.LayerNorm(E)
         self.dec_blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.n_block))
         self.dec_ln_final = nn.LayerNorm(E) if config.pre_norm else nn.Identity()
-        self.policy_head = _head(E, A)
+        self.policy_head = Head(E, A, config.decode)
         cpp_decode.extension(config.decode)  # build or load it now, not in the middle of a rollout
 
     # ----------------------------------------------------------------------------------------- decoder
@@ -264,13 +283,13 @@ class MultiAgentTransformer(EncoderMixin, nn.Module):
         else:
             start = previous.new_zeros(previous.shape[0], 1, self.action_width)  # the reference's zeros
             x = self.action_embed_linear(torch.cat([start, previous], dim=1))
-        return self.dec_ln(F.gelu(x))  # (B, L+1, E)
+        return add_layer_norm(gelu(x, self.kernel), None, self.dec_ln, self.kernel)  # (B, L+1, E)
 
     def _decode(self, x: torch.Tensor, rep: torch.Tensor) -> torch.Tensor:
         """The whole decoder over L tokens: x (B, L, E), rep (B, L, E) -> policy outputs (B, L, A)."""
         for block in self.dec_blocks:
             x = block(x, rep)
-        return self.policy_head(self.dec_ln_final(x))
+        return self.policy_head(final_norm(self.dec_ln_final, x, self.kernel))
 
     def _std(self) -> torch.Tensor:
         return torch.sigmoid(self.std_param) * self.config.std_scale  # (A,)
@@ -367,7 +386,9 @@ class MultiAgentTransformer(EncoderMixin, nn.Module):
         into the next token. Discrete: the fixed table of embedded action tokens (A, E), looked up per
         agent. Continuous: no table, and the plain weights of the action embedding and dec_ln."""
         if self.discrete:
-            table = self.dec_ln(F.gelu(self.action_embed.weight))  # (A+1, E), row 0 the start token
+            # (A+1, E), row 0 the start token; the same kernels as `_tokens`, so acting and the update agree
+            k = self.kernel
+            table = add_layer_norm(gelu(self.action_embed.weight, k), None, self.dec_ln, k)
             return table[0].expand(B, self.config.n_embd), table[1:], []
         start = self._tokens(self.action_embed_linear.weight.new_empty(B, 0, self.action_width))[:, 0]
         return start, None, [*plain(self.action_embed_linear), *plain(self.dec_ln)]

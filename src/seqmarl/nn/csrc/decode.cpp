@@ -217,8 +217,9 @@ FAST inline __m256 exp8(__m256 x) {
 }
 
 // erf for 8 floats by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7), the formula torch's own
-// vectorised CPU erf uses, so GELU here matches nn.GELU() to float32 rounding.
-FAST inline __m256 erf8(__m256 x) {
+// vectorised CPU erf uses, so GELU here matches nn.GELU() to float32 rounding. `exp_minus_x2`, when
+// given, receives the e^(-x^2) computed on the way (GELU's backward reuses it for the density).
+FAST inline __m256 erf8(__m256 x, __m256* exp_minus_x2 = nullptr) {
   const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0f));
   const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
   const __m256 one = _mm256_set1_ps(1.0f);
@@ -229,21 +230,24 @@ FAST inline __m256 erf8(__m256 x) {
   r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(-0.284496736f));
   r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(0.254829592f));
   const __m256 e = exp8(_mm256_mul_ps(_mm256_xor_ps(a, _mm256_set1_ps(-0.0f)), a));  // e^(-a^2)
+  if (exp_minus_x2 != nullptr) *exp_minus_x2 = e;
   const __m256 y = _mm256_fnmadd_ps(_mm256_mul_ps(e, t), r, one);                   // 1 - e t r
   return _mm256_xor_ps(y, sign);
 }
 
-// Exact (erf) GELU in place over n floats, as nn.GELU().
-FAST void gelu(float* x, int64_t n) {
+// y = GELU(x), exact (erf), as nn.GELU(), over n floats; x and y may be the same.
+FAST void gelu_to(const float* x, float* y, int64_t n) {
   const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f), s = _mm256_set1_ps(0.70710678118654752f);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 v = _mm256_loadu_ps(x + i);
     const __m256 c = _mm256_add_ps(one, erf8(_mm256_mul_ps(v, s)));
-    _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_mul_ps(half, v), c));
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(half, v), c));
   }
-  for (; i < n; ++i) x[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * 0.70710678118654752f));
+  for (; i < n; ++i) y[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * 0.70710678118654752f));
 }
+
+FAST inline void gelu(float* x, int64_t n) { gelu_to(x, x, n); }  // in place
 
 // R rows of C = bias + A @ Wt for 16 output columns starting at o: A (R, K) with row stride lda, Wt
 // (K, O) contiguous (a Linear's weight transposed), C with row stride ldc. 2R accumulators in registers.
@@ -337,9 +341,10 @@ FAST void attend(const float* q, const float* k, const float* v, int64_t L, int6
   for (int64_t d = 0; d < D; ++d) out[d] *= inv;
 }
 
-// LayerNorm of R rows of width E: out = LN(x (+ r)) with weight w, bias b; out may be x or r.
+// LayerNorm of R rows of width E: out = LN(x (+ r)) with weight w, bias b; out may be x or r. For the
+// training backward, xhat (R x E) and rstd (R) receive the normalised rows and 1/std when not null.
 FAST void layer_norm_rows(const float* x, const float* r, const float* w, const float* b, int64_t R, int64_t E,
-                          float* out) {
+                          float* out, float* xhat = nullptr, float* rstd = nullptr) {
   const float eps = static_cast<float>(kLayerNormEps);
   for (int64_t row = 0; row < R; ++row) {
     const float* xr = x + row * E;
@@ -366,11 +371,18 @@ FAST void layer_norm_rows(const float* x, const float* r, const float* w, const 
     for (; e < E; ++e) sq += (o[e] - mean) * (o[e] - mean);
     const float inv = 1.0f / std::sqrt(sq / static_cast<float>(E) + eps);
     const __m256 vinv = _mm256_set1_ps(inv);
+    float* h = xhat == nullptr ? nullptr : xhat + row * E;
+    if (rstd != nullptr) rstd[row] = inv;
     for (e = 0; e + 8 <= E; e += 8) {
       const __m256 c = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(o + e), vmean), vinv);
+      if (h != nullptr) _mm256_storeu_ps(h + e, c);
       _mm256_storeu_ps(o + e, _mm256_fmadd_ps(c, _mm256_loadu_ps(w + e), _mm256_loadu_ps(b + e)));
     }
-    for (; e < E; ++e) o[e] = (o[e] - mean) * inv * w[e] + b[e];
+    for (; e < E; ++e) {
+      const float c = (o[e] - mean) * inv;
+      if (h != nullptr) h[e] = c;
+      o[e] = c * w[e] + b[e];
+    }
   }
 }
 
@@ -731,6 +743,150 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& dout_in, con
   return {dq, dk, dv};
 }
 
+
+// ---- GELU and residual + LayerNorm in training (the update's forward and backward; nn/layers.py) ----
+// torch runs GELU, the residual add and LayerNorm as separate passes with generic kernels; at E = 64
+// they were ~25% of a MAT update at N = 3 (torch.profiler, docs/performance.md). These are one pass
+// each over contiguous float32 rows, with the vectorised erf/exp above; LayerNorm keeps the normalised
+// rows and 1/std for its backward. The backward's weight and bias gradients are summed per fixed chunk
+// of rows and then over the chunks in order, so the result does not depend on how threads are scheduled.
+
+// dx = dy * GELU'(x), GELU'(x) = Phi(x) + x phi(x), over n floats.
+FAST void gelu_grad(const float* dy, const float* x, float* dx, int64_t n) {
+  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f), s = _mm256_set1_ps(0.70710678118654752f);
+  const __m256 pdf0 = _mm256_set1_ps(0.39894228040143268f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    __m256 e;  // e^(-x^2 / 2), from inside erf
+    const __m256 cdf = _mm256_mul_ps(half, _mm256_add_ps(one, erf8(_mm256_mul_ps(v, s), &e)));
+    const __m256 pdf = _mm256_mul_ps(pdf0, e);
+    _mm256_storeu_ps(dx + i, _mm256_mul_ps(_mm256_loadu_ps(dy + i), _mm256_fmadd_ps(v, pdf, cdf)));
+  }
+  for (; i < n; ++i) {
+    const float cdf = 0.5f * (1.0f + std::erf(x[i] * 0.70710678118654752f));
+    dx[i] = dy[i] * (cdf + x[i] * 0.39894228040143268f * std::exp(-0.5f * x[i] * x[i]));
+  }
+}
+
+// One chunk of rows of the LayerNorm backward: ds = rstd (g - mean(g) - xhat mean(g xhat)), g = dy w,
+// and this chunk's sums of dy xhat (dw) and dy (db), E floats each.
+FAST void layer_norm_backward_rows(const float* dy, const float* xhat, const float* rstd, const float* w,
+                                   int64_t R, int64_t E, float* ds, float* dw, float* db) {
+  std::fill(dw, dw + E, 0.0f);
+  std::fill(db, db + E, 0.0f);
+  const float inv_e = 1.0f / static_cast<float>(E);
+  for (int64_t row = 0; row < R; ++row) {
+    const float *d = dy + row * E, *h = xhat + row * E;
+    __m256 sg = _mm256_setzero_ps(), sgh = _mm256_setzero_ps();
+    int64_t e = 0;
+    for (; e + 8 <= E; e += 8) {
+      const __m256 vd = _mm256_loadu_ps(d + e), vh = _mm256_loadu_ps(h + e);
+      const __m256 g = _mm256_mul_ps(vd, _mm256_loadu_ps(w + e));
+      sg = _mm256_add_ps(sg, g);
+      sgh = _mm256_fmadd_ps(g, vh, sgh);
+      _mm256_storeu_ps(dw + e, _mm256_fmadd_ps(vd, vh, _mm256_loadu_ps(dw + e)));
+      _mm256_storeu_ps(db + e, _mm256_add_ps(vd, _mm256_loadu_ps(db + e)));
+    }
+    float sum_g = hsum(sg), sum_gh = hsum(sgh);
+    for (; e < E; ++e) {
+      const float g = d[e] * w[e];
+      sum_g += g;
+      sum_gh += g * h[e];
+      dw[e] += d[e] * h[e];
+      db[e] += d[e];
+    }
+    const float a = sum_g * inv_e, c = sum_gh * inv_e, r = rstd[row];
+    const __m256 va = _mm256_set1_ps(a), vc = _mm256_set1_ps(c), vr = _mm256_set1_ps(r);
+    float* o = ds + row * E;
+    for (e = 0; e + 8 <= E; e += 8) {
+      const __m256 g = _mm256_mul_ps(_mm256_loadu_ps(d + e), _mm256_loadu_ps(w + e));
+      const __m256 t = _mm256_fnmadd_ps(_mm256_loadu_ps(h + e), vc, _mm256_sub_ps(g, va));
+      _mm256_storeu_ps(o + e, _mm256_mul_ps(vr, t));
+    }
+    for (; e < E; ++e) o[e] = r * (d[e] * w[e] - a - h[e] * c);
+  }
+}
+
+void check_rows(const std::vector<Tensor>& ts, const char* what) {
+  for (const auto& t : ts) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), what,
+                ": CPU float32 contiguous tensors only");
+  }
+  TORCH_CHECK(supported(), what, ": needs a CPU with AVX2 and FMA");
+}
+
+constexpr int64_t kElementGrain = 16384;  // floats per task of the elementwise loops
+constexpr int64_t kRowChunk = 256;        // rows per chunk of the LayerNorm loops
+
+Tensor gelu_forward(const Tensor& x_in) {
+  const Tensor x = x_in.contiguous();
+  check_rows({x}, "gelu");
+  Tensor y = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, x.numel(), kElementGrain, [&](int64_t i0, int64_t i1) { gelu_to(xp + i0, yp + i0, i1 - i0); });
+  return y;
+}
+
+Tensor gelu_backward(const Tensor& dy_in, const Tensor& x) {
+  const Tensor dy = dy_in.contiguous();
+  check_rows({dy, x}, "gelu");
+  Tensor dx = at::empty_like(x);
+  const float *dp = dy.data_ptr<float>(), *xp = x.data_ptr<float>();
+  float* op = dx.data_ptr<float>();
+  at::parallel_for(0, x.numel(), kElementGrain,
+                   [&](int64_t i0, int64_t i1) { gelu_grad(dp + i0, xp + i0, op + i0, i1 - i0); });
+  return dx;
+}
+
+// y = LayerNorm(x (+ r)) over the last dimension; with `keep`, also the normalised rows and 1/std per
+// row for the backward (else those two are empty).
+std::tuple<Tensor, Tensor, Tensor> add_layer_norm_forward(const Tensor& x_in, const std::optional<Tensor>& r_in,
+                                                          const Tensor& w, const Tensor& b, bool keep) {
+  const Tensor x = x_in.contiguous();
+  const Tensor r = r_in.has_value() ? r_in->contiguous() : Tensor();
+  check_rows(r.defined() ? std::vector<Tensor>{x, r, w, b} : std::vector<Tensor>{x, w, b}, "layer_norm");
+  const int64_t E = x.size(-1), R = x.numel() / E;
+  TORCH_CHECK(w.numel() == E && b.numel() == E && (!r.defined() || r.sizes() == x.sizes()),
+              "layer_norm: weight, bias and residual must match the input's width");
+  Tensor y = at::empty_like(x);
+  Tensor xhat = keep ? at::empty_like(x) : at::empty({0}, x.options());
+  Tensor rstd = at::empty({keep ? R : 0}, x.options());
+  const float *xp = x.data_ptr<float>(), *rp = r.defined() ? r.data_ptr<float>() : nullptr;
+  const float *wp = w.data_ptr<float>(), *bp = b.data_ptr<float>();
+  float *yp = y.data_ptr<float>(), *hp = keep ? xhat.data_ptr<float>() : nullptr;
+  float* sp = keep ? rstd.data_ptr<float>() : nullptr;
+  at::parallel_for(0, R, kRowChunk, [&](int64_t r0, int64_t r1) {
+    layer_norm_rows(xp + r0 * E, rp == nullptr ? nullptr : rp + r0 * E, wp, bp, r1 - r0, E, yp + r0 * E,
+                    hp == nullptr ? nullptr : hp + r0 * E, sp == nullptr ? nullptr : sp + r0);
+  });
+  return {y, xhat, rstd};
+}
+
+// Gradients of add_layer_norm_forward: d(x + r) (the same for x and r), d weight, d bias.
+std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(const Tensor& dy_in, const Tensor& xhat, const Tensor& rstd,
+                                                       const Tensor& w) {
+  const Tensor dy = dy_in.contiguous();
+  check_rows({dy, xhat, rstd, w}, "layer_norm");
+  TORCH_CHECK(xhat.numel() > 0 && xhat.sizes() == dy.sizes(), "layer_norm backward: the forward kept no rows");
+  const int64_t E = xhat.size(-1), R = xhat.numel() / E, chunks = (R + kRowChunk - 1) / kRowChunk;
+  Tensor ds = at::empty_like(xhat), partial = at::empty({std::max<int64_t>(chunks, 1), 2, E}, xhat.options());
+  const float *dp = dy.data_ptr<float>(), *hp = xhat.data_ptr<float>(), *sp = rstd.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float *op = ds.data_ptr<float>(), *pp = partial.data_ptr<float>();
+  partial.zero_();
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t r0 = c * kRowChunk, r1 = std::min(R, r0 + kRowChunk);
+      layer_norm_backward_rows(dp + r0 * E, hp + r0 * E, sp + r0, wp, r1 - r0, E, op + r0 * E,
+                               pp + c * 2 * E, pp + c * 2 * E + E);
+    }
+  });
+  const Tensor sums = partial.sum(0);  // (2, E): chunk by chunk in a fixed order
+  return {ds, sums[0].clone(), sums[1].clone()};
+}
+
 #else
 
 bool supported() { return false; }
@@ -746,6 +902,15 @@ std::tuple<Tensor, Tensor> attention_forward(const Tensor&, const Tensor&, const
 std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                       const Tensor&, bool) {
   TORCH_CHECK(false, "attention: needs an x86-64 build");
+}
+Tensor gelu_forward(const Tensor&) { TORCH_CHECK(false, "gelu: needs an x86-64 build"); }
+Tensor gelu_backward(const Tensor&, const Tensor&) { TORCH_CHECK(false, "gelu: needs an x86-64 build"); }
+std::tuple<Tensor, Tensor, Tensor> add_layer_norm_forward(const Tensor&, const std::optional<Tensor>&, const Tensor&,
+                                                          const Tensor&, bool) {
+  TORCH_CHECK(false, "layer_norm: needs an x86-64 build");
+}
+std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(const Tensor&, const Tensor&, const Tensor&, const Tensor&) {
+  TORCH_CHECK(false, "layer_norm: needs an x86-64 build");
 }
 
 #endif
@@ -841,4 +1006,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "training attention over few tokens: q, k, v (B, L, H, D) -> out (B, L, H, D), probs (B, H, L, L)");
   m.def("attention_backward", &fast::attention_backward,
         "its backward: dout, q, k, v, probs -> dq, dk, dv");
+  m.def("gelu_forward", &fast::gelu_forward, "training GELU (exact): x -> y");
+  m.def("gelu_backward", &fast::gelu_backward, "its backward: dy, x -> dx");
+  m.def("add_layer_norm_forward", &fast::add_layer_norm_forward,
+        "training LayerNorm(x (+ r)) over the last dim: x, r or None, w, b, keep -> y, xhat, rstd");
+  m.def("layer_norm_backward", &fast::layer_norm_backward, "its backward: dy, xhat, rstd, w -> d(x + r), dw, db");
 }
