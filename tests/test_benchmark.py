@@ -110,6 +110,22 @@ def test_flags_alone_plan_deterministic_run_directories(tmp_path, capsys):
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
 
 
+@pytest.mark.parametrize("commit", ["abc1234", "abc1234-dirty"])
+def test_a_benchmark_from_uncommitted_code_says_so(commit, tmp_path, capsys, monkeypatch):
+    """Workers import the source tree as it is when each run starts, so runs started from a tree with
+    uncommitted changes get a warning that says what meta.json will record and how to avoid it."""
+    from seqmarl import runinfo
+
+    monkeypatch.setattr(runinfo, "source_commit", lambda: commit)
+    argv = ["benchmark", "--algos", "mat", "--envs", "smax:3m", "--seeds", "0", "--steps", "1000"]
+    assert main([*argv, "--out", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    if commit.endswith("-dirty"):
+        assert "uncommitted changes (abc1234-dirty)" in out and "git worktree add" in out
+    else:
+        assert "uncommitted" not in out
+
+
 def test_run_states_from_the_run_directory(tmp_path):
     spec = build_spec(_tiny_spec(tmp_path))
     runs = plan_runs(spec)

@@ -37,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from seqmarl import runinfo
 from seqmarl.benchmark_spec import BenchmarkSpec
 from seqmarl.errors import UserError
 from seqmarl.interrupt import STOP_SIGNALS
@@ -209,6 +210,18 @@ def run_benchmark(spec: BenchmarkSpec, command: str, dry_run: bool = False) -> i
         f"{spec.threads_per_worker} threads on {cores} cores",
         flush=True,
     )
+    commit = runinfo.source_commit()
+    if commit.endswith("-dirty") and any(states[id(r)] != "finished" for r in runs):
+        # Each worker imports the source tree as it is when its run starts: edits made while the
+        # benchmark runs end up in later runs, and meta.json can only say "-dirty".
+        source = Path(__file__).resolve().parents[2]
+        print(
+            f"warning: {source} has uncommitted changes ({commit}): runs started now record "
+            f"'{commit}' as their code, and each later run imports the tree as it is then. To run a "
+            "commit while you keep editing, run from a separate checkout "
+            "(git worktree add ../seqmarl-bench HEAD)",
+            flush=True,
+        )
     if spec.workers * spec.threads_per_worker > cores:
         print(
             f"warning: {spec.workers} workers x {spec.threads_per_worker} threads > {cores} cores", flush=True

@@ -81,8 +81,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_description() -> dict[str, Any]:
-    """What produced a number: commit, machine, library versions (written into every run directory)."""
+def source_commit() -> str:
+    """The commit of the checkout this seqmarl is imported from, "<sha>-dirty" when tracked files differ
+    from it, "unknown" outside git."""
     try:
         root = Path(__file__).resolve().parents[2]
         commit = subprocess.run(
@@ -91,11 +92,15 @@ def machine_description() -> dict[str, Any]:
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
         ).stdout.strip()
-        commit = commit + ("-dirty" if dirty else "") if commit else "unknown"
+        return commit + ("-dirty" if dirty else "") if commit else "unknown"
     except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+        return "unknown"
+
+
+def machine_description() -> dict[str, Any]:
+    """What produced a number: commit, machine, library versions (written into every run directory)."""
     return {
-        "commit": commit,
+        "commit": source_commit(),
         "host": platform.node(),
         "machine": f"{cpu_model()}, {os.cpu_count()} cpus",
         "python": sys.version.split()[0],
