@@ -287,7 +287,7 @@ def test_cpp_decode_with_widths_off_the_vector_size(space_name, B, N):
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the C++ decode step cannot be built here")
-@pytest.mark.parametrize("tokens", [1, 5, 16])
+@pytest.mark.parametrize("tokens", [1, 5, 16, 32])
 @pytest.mark.parametrize("heads, width", [(1, 64), (3, 36)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_cpp_training_attention_matches_torch_forward_and_backward(tokens, heads, width, causal, monkeypatch):

@@ -39,9 +39,10 @@ use_fused_loop = True
 # (nn/layers.py `Attention`), used for CPU float32 with AVX2/FMA up to this many tokens; False (or
 # model.decode=python) leaves training attention to torch's kernel: the tests compare the two.
 use_training_attention = True
-# The whole update with these loops against torch's kernel at N = 3 / 5 / 10 / 27 / 64 agents:
-# 1.15x / 1.30x / 1.11x / 1.00x / 0.89x as fast (docs/performance.md), hence the limit.
-TRAINING_ATTENTION_MAX_TOKENS = 16
+# The whole update with these loops against torch's kernel, 2 threads (OpenMP), at N = 3 / 27 / 32 / 64
+# agents: 1.53x / 1.15-1.17x / 1.10x / 0.91x as fast (1 thread at 27 / 64: 1.02x / 0.88x;
+# docs/performance.md), hence the limit.
+TRAINING_ATTENTION_MAX_TOKENS = 32
 # And GELU and residual + LayerNorm forward/backward in one pass each (nn/layers.py `gelu`,
 # `add_layer_norm`), for CPU float32 with AVX2/FMA at any size; False leaves them to torch.
 use_training_fused = True
