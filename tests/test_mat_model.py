@@ -286,6 +286,22 @@ def test_cpp_decode_with_widths_off_the_vector_size(space_name, B, N):
         assert_same_decode(act_with_each_loop(model, obs, mask, False, 1), space_name == "discrete")
 
 
+def backward_weighted(out: torch.Tensor) -> None:
+    """Backward of a weighted sum, so every output element gets its own gradient."""
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+
+
+def assert_as_close_to_float64_as_torch(run) -> None:
+    """`run(use_cpp, dtype)` returns an output and gradients. The C++ kernels' float32 results must be
+    as close to torch's float64 results as torch's own float32 results are (2x slack, plus a hair)."""
+    exact = run(False, torch.float64)  # torch's kernels in float64: the reference
+    ours, torchs = run(True, torch.float32), run(False, torch.float32)
+    for mine, theirs, truth in zip(ours, torchs, exact, strict=True):
+        mine, theirs, truth = mine.double(), theirs.double(), truth.double()
+        error, torch_error = (mine - truth).abs().max().item(), (theirs - truth).abs().max().item()
+        assert error <= 2 * torch_error + 1e-6 * truth.abs().max().item() + 1e-9, (error, torch_error)
+
+
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the C++ decode step cannot be built here")
 @pytest.mark.parametrize("tokens", [1, 5, 16, 32])
 @pytest.mark.parametrize("heads, width", [(1, 64), (3, 36)])
@@ -312,15 +328,10 @@ def test_cpp_training_attention_matches_torch_forward_and_backward(tokens, heads
         attention.to(dtype).zero_grad()
         inputs = [x.to(dtype, copy=True).requires_grad_() for x in (queries, keys)]  # fresh leaves
         out = attention(*inputs, causal=causal)
-        (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
-        grads = [x.grad for x in inputs] + [p.grad for p in attention.parameters()]
-        return [t.double() for t in (out, *grads)]
+        backward_weighted(out)
+        return [out, *(x.grad for x in inputs), *(p.grad for p in attention.parameters())]
 
-    exact = run(False, torch.float64)  # torch's kernel in float64: the reference
-    ours, torchs = run(True, torch.float32), run(False, torch.float32)
-    for mine, theirs, truth in zip(ours, torchs, exact, strict=True):
-        error, torch_error = (mine - truth).abs().max().item(), (theirs - truth).abs().max().item()
-        assert error <= 2 * torch_error + 1e-6 * truth.abs().max().item() + 1e-9, (error, torch_error)
+    assert_as_close_to_float64_as_torch(run)
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the C++ decode step cannot be built here")
@@ -350,15 +361,10 @@ def test_cpp_gelu_and_layer_norm_match_torch_forward_and_backward(shape, residua
         ln.to(dtype).zero_grad()
         x, r = (t.to(dtype, copy=True).requires_grad_() for t in (x0, r0))  # fresh leaves
         y = add_layer_norm(gelu(x, "cpp"), r if residual else None, ln, "cpp")
-        (y * torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y)).sum().backward()
-        grads = [x.grad, r.grad if residual else torch.zeros(1), ln.weight.grad, ln.bias.grad]
-        return [t.double() for t in (y, *grads)]
+        backward_weighted(y)
+        return [y, x.grad, r.grad if residual else torch.zeros(1), ln.weight.grad, ln.bias.grad]
 
-    exact = run(False, torch.float64)  # torch's kernels in float64: the reference
-    ours, torchs = run(True, torch.float32), run(False, torch.float32)
-    for mine, theirs, truth in zip(ours, torchs, exact, strict=True):
-        error, torch_error = (mine - truth).abs().max().item(), (theirs - truth).abs().max().item()
-        assert error <= 2 * torch_error + 1e-6 * truth.abs().max().item() + 1e-9, (error, torch_error)
+    assert_as_close_to_float64_as_torch(run)
 
 
 def test_cpp_layer_norm_without_grad_keeps_nothing_and_matches():
