@@ -214,9 +214,8 @@ def run_benchmark(spec: BenchmarkSpec, command: str, dry_run: bool = False) -> i
     if commit.endswith("-dirty") and any(states[id(r)] != "finished" for r in runs):
         # Each worker imports the source tree as it is when its run starts: edits made while the
         # benchmark runs end up in later runs, and meta.json can only say "-dirty".
-        source = Path(__file__).resolve().parents[2]
         print(
-            f"warning: {source} has uncommitted changes ({commit}): runs started now record "
+            f"warning: {runinfo.SOURCE_ROOT} has uncommitted changes ({commit}): runs started now record "
             f"'{commit}' as their code, and each later run imports the tree as it is then. To run a "
             "commit while you keep editing, run from a separate checkout "
             "(git worktree add ../seqmarl-bench HEAD)",

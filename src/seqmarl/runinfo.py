@@ -81,16 +81,26 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The checkout this seqmarl is imported from (src/seqmarl/runinfo.py -> the repository root).
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
+
+
 def source_commit() -> str:
-    """The commit of the checkout this seqmarl is imported from, "<sha>-dirty" when tracked files differ
-    from it, "unknown" outside git."""
+    """The commit of the checkout this seqmarl is imported from (SOURCE_ROOT), "<sha>-dirty" when tracked
+    files differ from it, "unknown" outside git."""
     try:
-        root = Path(__file__).resolve().parents[2]
         commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=SOURCE_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=SOURCE_ROOT,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
         return commit + ("-dirty" if dirty else "") if commit else "unknown"
     except (OSError, subprocess.SubprocessError):

@@ -131,11 +131,11 @@ class HAPPOAlgorithm(PPOAlgorithm):
             value = self.model.critic(batch.state.index_select(0, idx)[:, None])[:, 0]  # (b,)
             value_loss = ppo_losses.clipped_value_loss(
                 value,
-                batch.values[idx, 0],
-                targets[idx, 0],
+                batch.values[:, 0].index_select(0, idx),
+                targets[:, 0].index_select(0, idx),
                 ppo.value_clip,
                 ppo.huber_delta or None,
-                everyone[idx],
+                everyone.index_select(0, idx),
             )
             self.optimizer.zero_grad(set_to_none=True)
             (ppo.value_coef * value_loss).backward()

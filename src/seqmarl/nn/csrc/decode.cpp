@@ -708,12 +708,17 @@ FAST void attention_rows_backward(const float* dout, const float* q, const float
   }
 }
 
-void check_attention(const std::vector<Tensor>& ts) {
+void check_rows(const std::vector<Tensor>& ts, const char* what) {
   for (const auto& t : ts) {
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 4,
-                "attention: CPU float32 contiguous (B, L, H, D) tensors only");
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), what,
+                ": CPU float32 contiguous tensors only");
   }
-  TORCH_CHECK(supported(), "attention: needs a CPU with AVX2 and FMA");
+  TORCH_CHECK(supported(), what, ": needs a CPU with AVX2 and FMA");
+}
+
+void check_attention(const std::vector<Tensor>& ts) {
+  check_rows(ts, "attention");
+  for (const auto& t : ts) TORCH_CHECK(t.dim() == 4, "attention: (B, L, H, D) tensors only");
 }
 
 std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, bool causal) {
@@ -770,7 +775,7 @@ FAST void gelu_grad(const float* dy, const float* x, float* dx, int64_t n) {
 }
 
 // One chunk of rows of the LayerNorm backward: ds = rstd (g - mean(g) - xhat mean(g xhat)), g = dy w,
-// and this chunk's sums of dy xhat (dw) and dy (db), E floats each.
+// and this chunk's sums of dy xhat (dw) and dy (db), E floats each (zeroed here first).
 FAST void layer_norm_backward_rows(const float* dy, const float* xhat, const float* rstd, const float* w,
                                    int64_t R, int64_t E, float* ds, float* dw, float* db) {
   std::fill(dw, dw + E, 0.0f);
@@ -806,14 +811,6 @@ FAST void layer_norm_backward_rows(const float* dy, const float* xhat, const flo
     }
     for (; e < E; ++e) o[e] = r * (d[e] * w[e] - a - h[e] * c);
   }
-}
-
-void check_rows(const std::vector<Tensor>& ts, const char* what) {
-  for (const auto& t : ts) {
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), what,
-                ": CPU float32 contiguous tensors only");
-  }
-  TORCH_CHECK(supported(), what, ": needs a CPU with AVX2 and FMA");
 }
 
 constexpr int64_t kElementGrain = 16384;  // floats per task of the elementwise loops
@@ -869,13 +866,13 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(const Tensor& dy_in, cons
                                                        const Tensor& w) {
   const Tensor dy = dy_in.contiguous();
   check_rows({dy, xhat, rstd, w}, "layer_norm");
-  TORCH_CHECK(xhat.numel() > 0 && xhat.sizes() == dy.sizes(), "layer_norm backward: the forward kept no rows");
+  TORCH_CHECK(xhat.numel() > 0, "layer_norm backward: the forward kept no rows (keep=false)");
+  TORCH_CHECK(xhat.sizes() == dy.sizes(), "layer_norm backward: the gradient's shape differs from the input's");
   const int64_t E = xhat.size(-1), R = xhat.numel() / E, chunks = (R + kRowChunk - 1) / kRowChunk;
-  Tensor ds = at::empty_like(xhat), partial = at::empty({std::max<int64_t>(chunks, 1), 2, E}, xhat.options());
+  Tensor ds = at::empty_like(xhat), partial = at::empty({chunks, 2, E}, xhat.options());
   const float *dp = dy.data_ptr<float>(), *hp = xhat.data_ptr<float>(), *sp = rstd.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float *op = ds.data_ptr<float>(), *pp = partial.data_ptr<float>();
-  partial.zero_();
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t r0 = c * kRowChunk, r1 = std::min(R, r0 + kRowChunk);
