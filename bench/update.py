@@ -2,12 +2,13 @@
 through `MATAlgorithm.update` (the trainer's own code path), against the matmul rate measured in this run.
 
     python bench/update.py [--quick] [--json OUT] [--baseline FILE] [--compare-attention]
-                           [--compare-fused] [--reference-src DIR]
+                           [--compare-fused] [--compare-adam] [--reference-src DIR]
 
 With `--compare-attention` every row also times the same update with torch's attention kernel instead of
 the C++ loops for few tokens (nn/layers.py, `cpp_decode.use_training_attention`), alternating call by
 call, and prints the gain. `--compare-fused` does the same with torch's GELU and LayerNorm instead of
-the C++ ones (`cpp_decode.use_training_fused`).
+the C++ ones (`cpp_decode.use_training_fused`), and `--compare-adam` with torch's for-loop Adam instead of
+its fused kernel (`seqmarl.algos.base.adam`).
 
 With `--reference-src DIR` (a checkout of PKU-MARL/Multi-Agent-Transformer, e.g. be3ff49) every row also
 times the reference's own update on the same batch in the same process: its `MultiAgentTransformer`
@@ -125,6 +126,7 @@ def bench_row(
     ref: types.SimpleNamespace | None = None,
     compare_attention: bool = False,
     compare_fused: bool = False,
+    compare_adam: bool = False,
 ) -> dict:
     spec = EnvSpec("bench", N, OBS_DIM, OBS_DIM, DiscreteActions(ACTIONS), 100, False)
     torch.manual_seed(0)
@@ -133,19 +135,25 @@ def bench_row(
     generator = torch.Generator().manual_seed(0)
 
     switches = (cpp_decode.use_training_attention, cpp_decode.use_training_fused)  # as the user left them
+    fused_adam = algorithm.optimizer
+    # Both optimisers step the same weights, each keeping its own moments: the times are what matter.
+    loop_adam = torch.optim.Adam(algorithm.model.parameters(), lr=5e-4, eps=1e-5) if compare_adam else None
 
-    def update(attention: bool, fused: bool) -> Callable[[], None]:
+    def update(attention: bool, fused: bool, optimizer: torch.optim.Optimizer) -> Callable[[], None]:
         def run() -> None:
             cpp_decode.use_training_attention, cpp_decode.use_training_fused = attention, fused
+            algorithm.optimizer = optimizer
             algorithm.update(batch, 5e-4, generator)
 
         return run
 
-    fns = {"ours": update(*switches)}
+    fns = {"ours": update(*switches, fused_adam)}
     if compare_attention:  # the same update with torch's attention kernel throughout
-        fns["sdpa"] = update(False, switches[1])
+        fns["sdpa"] = update(False, switches[1], fused_adam)
     if compare_fused:  # ... with torch's GELU and LayerNorm
-        fns["torch_fused"] = update(switches[0], False)
+        fns["torch_fused"] = update(switches[0], False, fused_adam)
+    if loop_adam is not None:  # ... with torch's for-loop Adam
+        fns["loop_adam"] = update(*switches, loop_adam)
     if ref is not None:
         fns["reference"] = reference_update(ref, batch, device)
     try:
@@ -157,8 +165,9 @@ def bench_row(
             update_ms = timed["ours"]
     finally:
         cpp_decode.use_training_attention, cpp_decode.use_training_fused = switches
+        algorithm.optimizer = fused_adam
     reference_same_run_ms, sdpa_ms = timed.get("reference"), timed.get("sdpa")
-    torch_fused_ms = timed.get("torch_fused")
+    torch_fused_ms, loop_adam_ms = timed.get("torch_fused"), timed.get("loop_adam")
     tokens = samples * N
     flops_per_token = common.train_flops_per_token(common.ModelShape(N, OBS_DIM, ACTIONS, discrete=True))
     achieved = flops_per_token * tokens / (update_ms / 1e3) / 1e9
@@ -177,6 +186,9 @@ def bench_row(
         "train_fused": cpp_decode.fused_name("auto", device),
         "torch_fused_ms": torch_fused_ms,
         "fused_gain": torch_fused_ms / update_ms if torch_fused_ms else None,
+        "adam": "fused" if fused_adam.defaults.get("fused") else "for-loop",
+        "loop_adam_ms": loop_adam_ms,
+        "adam_gain": loop_adam_ms / update_ms if loop_adam_ms else None,
         "tokens_per_s": tokens / (update_ms / 1e3),
         "mflops_per_token": flops_per_token / 1e6,
         "gflops": achieved,
@@ -208,6 +220,11 @@ def main() -> int:
         action="store_true",
         help="also time the same update with torch's GELU and LayerNorm (not the C++ ones), alternating",
     )
+    p.add_argument(
+        "--compare-adam",
+        action="store_true",
+        help="also time the same update with torch's for-loop Adam (not the fused one), alternating",
+    )
     args = p.parse_args()
     if args.quick:
         args.agents, args.samples, args.repeats = [3], 64, 2
@@ -222,7 +239,7 @@ def main() -> int:
     ref = load_reference(args.reference_src) if args.reference_src else None
     rows = []
     for N in args.agents:
-        compare = (args.compare_attention, args.compare_fused)
+        compare = (args.compare_attention, args.compare_fused, args.compare_adam)
         row = bench_row(N, args.samples, args.repeats, device, square_rate, ref, *compare)
         rows.append(row)
         print(f"  {rows[-1]['name']}: {rows[-1]['update_ms']:.1f} ms", file=sys.stderr)
@@ -257,6 +274,12 @@ def main() -> int:
                     ("fused_gain", "C++ GELU/LayerNorm gain", ".2f"),
                 ]
                 if args.compare_fused
+                else []
+            ),
+            ("adam", "Adam", "s"),
+            *(
+                [("loop_adam_ms", "with for-loop Adam ms", ".1f"), ("adam_gain", "fused Adam gain", ".2f")]
+                if args.compare_adam
                 else []
             ),
             ("tokens_per_s", "tokens/s", ",.0f"),

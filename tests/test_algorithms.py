@@ -1,6 +1,7 @@
 """Contract tests every algorithm must pass (acting, persistence), and those of the on-policy family
 (teacher-forced evaluation, PPO updates), on synthetic batches (no simulator needed)."""
 
+import copy
 import io
 
 import pytest
@@ -192,3 +193,24 @@ def test_mat_dec_fits_the_mean_value_and_mappo_each_agent():
     mat_dec, mappo = _make("mat_dec", DISCRETE), _make("mappo", DISCRETE)
     assert mat_dec._value_loss(value, value, target, alive).item() == 0.0  # mean 2 == mean target 2
     assert mappo._value_loss(value, value, target, alive).item() == 0.5  # Huber: 0.5 * 1 per agent
+
+
+def test_adam_is_fused_on_cpu_and_steps_like_torchs_for_loop_adam():
+    from seqmarl.algos.base import adam
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+    twin = copy.deepcopy(model)
+    fused = adam(model.parameters(), 1e-2, 1e-5)
+    loop = torch.optim.Adam(twin.parameters(), lr=1e-2, eps=1e-5, foreach=False)
+    assert fused.defaults["fused"]
+    start = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(64, 7)
+    for _ in range(20):
+        for net, optimizer in ((model, fused), (twin, loop)):
+            optimizer.zero_grad()
+            net(x).square().mean().backward()
+            optimizer.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert all((a - s).abs().max() > 1e-2 for a, s in zip(model.parameters(), start, strict=True))

@@ -33,6 +33,17 @@ from seqmarl.normalize import IdentityNormalizer, RunningMeanStd
 from seqmarl.types import ActOutput, EnvSpec, EvalOutput, StepRecord
 
 
+def adam(params: Any, lr: float, eps: float = 1e-8) -> torch.optim.Adam:
+    """Adam, with torch's fused kernel where the device has one (CPU, CUDA): one pass over all
+    parameters per step instead of ~10 ops per tensor (0.65 against 2.6 ms per step for MAT's 63 weight
+    tensors, docs/performance.md). The same update rule; only the rounding of its arithmetic differs."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
+    except RuntimeError:  # a device without the fused kernel
+        return torch.optim.Adam(params, lr=lr, eps=eps)
+
+
 class PPOAlgorithm:
     """On-policy actor-critic trained with PPO. Subclasses build `self.model` and the three hooks."""
 
@@ -52,7 +63,7 @@ class PPOAlgorithm:
         self.ppo = ppo
         self.device = device
         self.model = model.to(device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=ppo.lr, eps=ppo.adam_eps)
+        self.optimizer = adam(self.model.parameters(), ppo.lr, ppo.adam_eps)
         self.value_norm = RunningMeanStd(device) if ppo.value_norm else IdentityNormalizer(device)
         # The decision order of this iteration's rollout and update: position k of the sequence is
         # agent order[k]. Identity unless ppo.shuffle_agent_order (paper section 5, HAPPO's Theorem 3).

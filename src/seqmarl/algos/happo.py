@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from seqmarl.algos import ppo_losses
-from seqmarl.algos.base import PPOAlgorithm, accumulate
+from seqmarl.algos.base import PPOAlgorithm, accumulate, adam
 from seqmarl.buffer import RolloutBatch
 from seqmarl.config import PPOConfig
 from seqmarl.nn.mlp import Actor, Critic, MLPConfig
@@ -42,9 +42,8 @@ class HAPPOAlgorithm(PPOAlgorithm):
 
     def __init__(self, spec: EnvSpec, mlp: MLPConfig, ppo: PPOConfig, device: torch.device):
         super().__init__(spec, ppo, device, HAPPONetwork(spec, mlp))
-        adam = dict(lr=ppo.lr, eps=ppo.adam_eps)
-        self.actor_optimizers = [torch.optim.Adam(a.parameters(), **adam) for a in self.model.actors]
-        self.optimizer = torch.optim.Adam(self.model.critic.parameters(), **adam)  # the critic's
+        self.actor_optimizers = [adam(a.parameters(), ppo.lr, ppo.adam_eps) for a in self.model.actors]
+        self.optimizer = adam(self.model.critic.parameters(), ppo.lr, ppo.adam_eps)  # the critic's
 
     def _act(self, obs, state, mask, deterministic) -> ActOutput:
         actions, log_probs = zip(

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from seqmarl.algos.base import accumulate
+from seqmarl.algos.base import accumulate, adam
 from seqmarl.buffer import RolloutBuffer
 from seqmarl.config import QMIXConfig
 from seqmarl.errors import UserError
@@ -95,7 +95,7 @@ class QMIXAlgorithm:
         self.target_agent = copy.deepcopy(self.agent).requires_grad_(False)
         self.target_mixer = copy.deepcopy(self.mixer).requires_grad_(False)
         self.parameters = [*self.agent.parameters(), *self.mixer.parameters()]
-        self.optimizer = torch.optim.Adam(self.parameters, lr=config.lr)
+        self.optimizer = adam(self.parameters, config.lr)
         check_replay_fits(spec, config.buffer_size, device)
         self.replay = EpisodeReplay(spec, config.buffer_size, num_envs, device)
         self.epsilon = config.epsilon_start
