@@ -2,7 +2,7 @@
 through `MATAlgorithm.update` (the trainer's own code path), against the matmul rate measured in this run.
 
     python bench/update.py [--quick] [--json OUT] [--baseline FILE] [--compare-attention]
-                           [--compare-fused] [--compare-adam] [--reference-src DIR]
+                           [--compare-fused] [--compare-adam] [--ops] [--reference-src DIR]
 
 With `--compare-attention` every row also times the same update with torch's attention kernel instead of
 the C++ loops for few tokens (nn/layers.py, `cpp_decode.use_training_attention`), alternating call by
@@ -22,11 +22,18 @@ achieved GFLOP/s = FLOPs per token x tokens / time. Two matmul rates are measure
   weight gradient, one of each (the shapes the update is made of);
 - square: 2048 x 2048 x 2048 (the machine's best case).
 The target (>= 70% of the matmul rate) is read against the model-shape rate; both ratios are printed.
+
+With `--ops` every row also runs a few updates with each aten call timed (a TorchDispatchMode: the
+kernel's own time, not the dispatcher's; the C++ attention/GELU/LayerNorm calls are not aten calls and
+are left out) and prints what the matmuls (mm, addmm) take inside the update: their share of the
+update's time and their GFLOP/s there. That rate over the model-shape rate is the update's ceiling with
+torch's matmuls: the fraction the update would reach if everything but its matmuls took no time.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -127,6 +134,7 @@ def bench_row(
     compare_attention: bool = False,
     compare_fused: bool = False,
     compare_adam: bool = False,
+    ops: bool = False,
 ) -> dict:
     spec = EnvSpec("bench", N, OBS_DIM, OBS_DIM, DiscreteActions(ACTIONS), 100, False)
     torch.manual_seed(0)
@@ -172,6 +180,11 @@ def bench_row(
     flops_per_token = common.train_flops_per_token(common.ModelShape(N, OBS_DIM, ACTIONS, discrete=True))
     achieved = flops_per_token * tokens / (update_ms / 1e3) / 1e9
     model_rate = common.model_shape_gflops(tokens, 64, device)
+    split = op_split(fns["ours"], device) if ops else {}
+    matmul_rate = split["matmul_flops"] / split["matmul_ms"] / 1e6 if split else None
+    if split:
+        top = sorted(split["op_ms"].items(), key=lambda kv: -kv[1])[:6]
+        print(f"  N={N}: aten ms per update: " + ", ".join(f"{k} {v:.1f}" for k, v in top), file=sys.stderr)
     return {
         "name": f"N={N}/samples={samples}",
         "N": N,
@@ -196,7 +209,40 @@ def bench_row(
         "matmul_square_gflops": square_rate,
         "fraction_of_model_shape_rate": achieved / model_rate,
         "fraction_of_square_rate": achieved / square_rate,
+        "matmul_ms_in_update": split.get("matmul_ms"),
+        "matmul_share_of_update": split["matmul_ms"] / update_ms if split else None,
+        "matmul_gflops_in_update": matmul_rate,
+        "ceiling_of_model_shape_rate": matmul_rate / model_rate if split else None,
+        "aten_ms_per_update": split.get("op_ms"),
     }
+
+
+def op_split(update: Callable[[], None], device: torch.device, updates: int = 3) -> dict:
+    """Kernel time per aten op over `updates` calls of `update`, per update; the matmuls' FLOPs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    op_ms: dict[str, float] = {}
+    matmul_flops = 0.0
+
+    class Timer(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal matmul_flops
+            common.synchronize(device)
+            start = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            common.synchronize(device)
+            name = func.overloadpacket.__name__
+            op_ms[name] = op_ms.get(name, 0.0) + (time.perf_counter() - start) * 1e3 / updates
+            if name in ("mm", "addmm"):
+                a, b = args[-2], args[-1]  # addmm(bias, a, b), mm(a, b)
+                matmul_flops += 2.0 * a.shape[0] * a.shape[1] * b.shape[1] / updates
+            return out
+
+    with Timer():
+        for _ in range(updates):
+            update()
+    matmul_ms = op_ms.get("mm", 0.0) + op_ms.get("addmm", 0.0)
+    return {"op_ms": op_ms, "matmul_ms": matmul_ms, "matmul_flops": matmul_flops}
 
 
 def main() -> int:
@@ -225,6 +271,11 @@ def main() -> int:
         action="store_true",
         help="also time the same update with torch's for-loop Adam (not the fused one), alternating",
     )
+    p.add_argument(
+        "--ops",
+        action="store_true",
+        help="also time each aten op inside the update: the matmuls' share, their rate there, the ceiling",
+    )
     args = p.parse_args()
     if args.quick:
         args.agents, args.samples, args.repeats = [3], 64, 2
@@ -239,7 +290,7 @@ def main() -> int:
     ref = load_reference(args.reference_src) if args.reference_src else None
     rows = []
     for N in args.agents:
-        compare = (args.compare_attention, args.compare_fused, args.compare_adam)
+        compare = (args.compare_attention, args.compare_fused, args.compare_adam, args.ops)
         row = bench_row(N, args.samples, args.repeats, device, square_rate, ref, *compare)
         rows.append(row)
         print(f"  {rows[-1]['name']}: {rows[-1]['update_ms']:.1f} ms", file=sys.stderr)
@@ -289,6 +340,15 @@ def main() -> int:
             ("fraction_of_model_shape_rate", "of model-shape rate", ".0%"),
             ("matmul_square_gflops", "matmul GFLOP/s, square", ".1f"),
             ("fraction_of_square_rate", "of square rate", ".0%"),
+            *(
+                [
+                    ("matmul_share_of_update", "matmuls' share of the update", ".0%"),
+                    ("matmul_gflops_in_update", "matmul GFLOP/s inside the update", ".1f"),
+                    ("ceiling_of_model_shape_rate", "ceiling (of model-shape rate)", ".0%"),
+                ]
+                if args.ops
+                else []
+            ),
         ],
     )
     common.write_json(args.json, {"benchmark": "update", "machine": machine, "rows": rows})

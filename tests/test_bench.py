@@ -32,8 +32,15 @@ def run_script(name: str, *argv: str) -> subprocess.CompletedProcess:
         ("update.py", [], ["update_ms", "gflops", "matmul_model_shape_gflops"]),
         (
             "update.py",
-            ["--compare-attention", "--compare-fused", "--compare-adam"],
-            ["update_ms", "attention_gain", "fused_gain", "loop_adam_ms", "adam_gain"],
+            ["--compare-attention", "--compare-fused", "--compare-adam", "--ops"],
+            [
+                "update_ms",
+                "attention_gain",
+                "fused_gain",
+                "adam_gain",
+                "matmul_share_of_update",
+                "ceiling_of_model_shape_rate",
+            ],
         ),
         ("train.py", [], ["steps_per_s", "steps_per_cpu_s", "bound_steps_per_s", "fraction_of_bound"]),
     ],
