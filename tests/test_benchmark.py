@@ -70,7 +70,15 @@ BAD_SPECS = [
     ({"steps": "lots"}, "steps: expected a positive integer"),
     ({"steps": {"smax:8m": 100}}, "steps: per-task budgets must name exactly the envs"),
     ({"eval": {"every": 10, "often": 2}}, "eval: expected a mapping with keys"),
-    ({"eval": {"absolute_checkpoint": "first"}}, "eval.absolute_checkpoint: expected best or last"),
+    (
+        {"eval": {"absolute_checkpoint": "first"}},
+        "eval.absolute_checkpoint: expected best, last or average:K",
+    ),
+    (
+        {"eval": {"absolute_checkpoint": "average:1"}},
+        "eval.absolute_checkpoint: expected best, last or average",
+    ),
+    ({"eval": {"absolute_checkpoint": "average:5"}}, "averages 5 checkpoints but each run keeps 3"),
     ({"set": {"ppo.lrr": 1}}, None),  # the key is checked by `seqmarl train`, not here
     ({"thresholds": {"smax:8m": 0.9}}, "thresholds: expected a mapping ENV: VALUE"),
     ({"exclude": ["smax:3m qmix"]}, "exclude: expected 'ENV ALGO'"),
@@ -151,7 +159,7 @@ def test_run_states_from_the_run_directory(tmp_path):
     assert run.state() == "finished"
 
 
-@pytest.mark.parametrize("which", ["best", "last"])
+@pytest.mark.parametrize("which", ["best", "last", "average:3"])
 def test_absolute_evaluation_of_the_chosen_checkpoint(which, tmp_path):
     spec = build_spec(_tiny_spec(tmp_path, eval={"episodes": 2, "absolute_checkpoint": which}))
     run = plan_runs(spec)[0]
@@ -159,13 +167,33 @@ def test_absolute_evaluation_of_the_chosen_checkpoint(which, tmp_path):
     (run.run_dir / "config.yaml").write_text("run: {eval_episodes: 2}\n")
     (run.run_dir / "result.json").write_text("{}")
     (run.run_dir / "best.pt").write_bytes(b"")
-    (absolute,) = _stages(run, spec)  # trained: only the absolute evaluation is left
+    *average, absolute = _stages(run, spec)  # trained: only the absolute evaluation is left
     argv = absolute()
     target = argv[argv.index("eval") + 1]
-    assert target == str(
-        run.run_dir / "best.pt" if which == "best" else run.run_dir
-    )  # dir = newest checkpoint
+    expected = {"best": run.run_dir / "best.pt", "last": run.run_dir, "average:3": run.run_dir / "average.pt"}
+    assert target == str(expected[which])  # a directory means its newest checkpoint
     assert argv[argv.index("--episodes") + 1] == "20"  # absolute_factor 10 (default) x 2
+    if which.startswith("average"):  # first the average of the 3 newest checkpoints, written there
+        (first,) = average
+        assert first()[3:] == ["average", str(run.run_dir), "--last", "3", "--out", target]
+    else:
+        assert average == []
+
+
+def test_a_benchmark_evaluates_the_averaged_weights(tmp_path):
+    out_dir = tmp_path / "bench"
+    data = _tiny_spec(out_dir, workers=1, algos=["mappo"], seeds=[0])
+    data["eval"] = {**data["eval"], "absolute_checkpoint": "average:2"}
+    out = _finish(
+        _benchmark(_write(tmp_path / "spec.yaml", data), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    )
+    (run,) = plan_runs(build_spec(data))
+    assert run.state() == "finished", out
+    averaged = load_checkpoint(run.run_dir / "average.pt")
+    assert averaged["averaged_steps"] == [80, 120]  # checkpoints every 40 of 120 steps; the newest 2
+    log = (run.run_dir / "stdout.log").read_text()
+    assert "averaged the weights of 2 checkpoints" in log and f"eval {run.run_dir / 'average.pt'}" in log
+    assert len(json.loads((run.run_dir / "absolute.json").read_text())["episodes"]["win"]) == 4
 
 
 def test_a_run_directory_from_another_spec_is_refused(tmp_path, capsys):

@@ -3,9 +3,9 @@
 A benchmark is a spec (YAML file and/or flags) expanded into runs. Each run lives in
 OUT/<family>/<task>/<algo>/seed<k>/ and is finished when it holds result.json (training, from
 `seqmarl train`) and absolute.json (the final evaluation of best.pt, or of the last checkpoint with
-`eval: {absolute_checkpoint: last}`, with `absolute_factor` x the periodic evaluation's episodes, from
-`seqmarl eval`). Re-running the same command looks at every run
-directory and does only what is missing:
+`eval: {absolute_checkpoint: last}`, or of the last K checkpoints' weights averaged with `average:K`
+(`seqmarl average`), with `absolute_factor` x the periodic evaluation's episodes, from `seqmarl eval`).
+Re-running the same command looks at every run directory and does only what is missing:
 
     result.json + absolute.json   -> skipped
     result.json only              -> absolute evaluation only
@@ -129,11 +129,16 @@ def _stages(run: Run, spec: BenchmarkSpec) -> list[Any]:
     elif state == "resume":
         stages.append(lambda: _command(["train", "--resume", str(run.run_dir)]))
     if state != "finished":
+        average = run.run_dir / "average.pt"
+        if spec.eval.average_last is not None:  # the evaluated weights: the last K checkpoints averaged
+            last = ["--last", str(spec.eval.average_last), "--out", str(average)]
+            stages.append(lambda: _command(["average", str(run.run_dir), *last]))
 
         def absolute() -> list[str]:
             best = run.run_dir / "best.pt"
             use_best = spec.eval.absolute_checkpoint == "best" and best.is_file()  # (older runs have none)
             target = best if use_best else run.run_dir  # a run directory means its newest checkpoint
+            target = average if spec.eval.average_last is not None else target
             episodes = _absolute_episodes(run, spec.eval.absolute_factor)
             args = ["eval", str(target), "--episodes", str(episodes), "--seed", str(ABSOLUTE_EVAL_SEED)]
             return _command([*args, "--json", str(run.run_dir / "absolute.json")])

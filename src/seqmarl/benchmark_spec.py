@@ -34,13 +34,21 @@ EVAL_KEYS = ("every", "episodes", "absolute_factor", "absolute_checkpoint")
 @dataclass(frozen=True)
 class EvalProtocol:
     """Every `every` env steps, `episodes` deterministic episodes; at the end `absolute_factor` x as many
-    on `absolute_checkpoint`: "best" (best.pt, the best periodic evaluation's) or "last" (the final
-    checkpoint). None = the task preset's value (SMAX: 50k / 32, MaMuJoCo: 100k / 10)."""
+    on `absolute_checkpoint`: "best" (best.pt, the best periodic evaluation's), "last" (the final
+    checkpoint) or "average:K" (the weights of the K newest kept checkpoints averaged, `seqmarl average
+    --last K`; K <= run.keep_checkpoints). None = the task preset's value (SMAX: 50k / 32, MaMuJoCo:
+    100k / 10)."""
 
     every: int | None = None
     episodes: int | None = None
     absolute_factor: int = 10
     absolute_checkpoint: str = "best"
+
+    @property
+    def average_last(self) -> int | None:
+        """K of "average:K", else None."""
+        kind, _, k = self.absolute_checkpoint.partition(":")
+        return int(k) if kind == "average" else None
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,29 @@ def drop_unselected(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _check_absolute_checkpoint(which: Any, assignments: tuple[str, ...]) -> None:
+    """best | last | average:K, with 2 <= K <= the checkpoints each run keeps."""
+    from seqmarl.config import RunConfig, parse_assignment
+
+    kind, _, k = str(which).partition(":")
+    if which in ("best", "last"):
+        return
+    if kind != "average" or not k.isdigit() or int(k) < 2:
+        raise UserError(
+            f"eval.absolute_checkpoint: expected best, last or average:K (K >= 2 checkpoints), got {which!r}"
+        )
+    keep = RunConfig().keep_checkpoints
+    for assignment in assignments:
+        value = parse_assignment(assignment).get("run", {}).get("keep_checkpoints")
+        if value is not None and str(value).isdigit():
+            keep = int(value)
+    if int(k) > keep:
+        raise UserError(
+            f"eval.absolute_checkpoint: {which} averages {k} checkpoints but each run keeps {keep}; "
+            f"add set: {{run.keep_checkpoints: {k}}} (and a run.checkpoint_every that writes that many)"
+        )
+
+
 def build_spec(data: dict[str, Any]) -> BenchmarkSpec:
     """Validate a spec mapping (from YAML, with command-line flags merged in) into a BenchmarkSpec."""
     from seqmarl.algos import algorithm_names
@@ -177,10 +208,7 @@ def build_spec(data: dict[str, Any]) -> BenchmarkSpec:
         absolute_factor=_positive_int(protocol.get("absolute_factor", 10), "eval.absolute_factor"),
         absolute_checkpoint=protocol.get("absolute_checkpoint", "best"),
     )
-    if eval_protocol.absolute_checkpoint not in ("best", "last"):
-        raise UserError(
-            f"eval.absolute_checkpoint: expected best or last, got {eval_protocol.absolute_checkpoint!r}"
-        )
+    _check_absolute_checkpoint(eval_protocol.absolute_checkpoint, assignments)
     exclude = set()
     for item in data.get("exclude") or []:
         env, algo = _exclude_pair(item)
