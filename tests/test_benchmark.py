@@ -167,7 +167,7 @@ def test_absolute_evaluation_of_the_chosen_checkpoint(which, tmp_path):
     (run.run_dir / "config.yaml").write_text("run: {eval_episodes: 2}\n")
     (run.run_dir / "result.json").write_text("{}")
     (run.run_dir / "best.pt").write_bytes(b"")
-    *average, absolute = _stages(run, spec)  # trained: only the absolute evaluation is left
+    *average, absolute = _stages(run, spec)  # trained: only the absolute evaluation (and any average) is left
     argv = absolute()
     target = argv[argv.index("eval") + 1]
     expected = {"best": run.run_dir / "best.pt", "last": run.run_dir, "average:3": run.run_dir / "average.pt"}
