@@ -121,6 +121,29 @@ def test_report_over_tasks_and_published_numbers(tmp_path):
     assert "## all 2 tasks (2 seeds each)" in (out / "poi.md").read_text()
     assert "90.6% (MAT paper Table 1" in (out / "table.md").read_text()
     assert {p.name for p in out.glob("curves_*.png")} == {"curves_smax_3m.png", "curves_smax_5m_vs_6m.png"}
+    assert (out / "curves.png").stat().st_size > 1000
+
+
+def test_one_figure_has_a_panel_per_task_and_one_colour_per_algorithm(tmp_path):
+    from seqmarl.report import _algo_colours, plot_all_tasks
+    from seqmarl.results import load_runs
+
+    for env, algos in (
+        ("smax:3m", ("qmix", "mat", "mappo")),
+        ("smax:2s3z", ("mat", "qmix")),
+        ("smax:8m", ("ippo",)),
+    ):
+        for algo in algos:
+            _fake_run(tmp_path / env, algo, 0, [0.0, 1.0], env=env)
+    runs = load_runs([tmp_path])
+    panels = plot_all_tasks(runs, tmp_path / "curves.png", baseline="mat")
+    assert panels == [
+        ("smax:2s3z", ["mat", "qmix"]),
+        ("smax:3m", ["mat", "mappo", "qmix"]),
+        ("smax:8m", ["ippo"]),
+    ]
+    colours = _algo_colours(runs, "mat")
+    assert list(colours) == ["mat", "ippo", "mappo", "qmix"] and len(set(colours.values())) == 4
 
 
 @pytest.mark.parametrize(

@@ -141,7 +141,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
     rows = write_report(args.roots, args.out, _parse_thresholds(args.threshold), args.baseline_algo)
     print(markdown_table(rows))
-    print(f"wrote {args.out}/table.md, poi.md, curves_*.png, marl_eval.json, summary.json")
+    print(f"wrote {args.out}/table.md, poi.md, curves.png, curves_*.png, marl_eval.json, summary.json")
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> None:
@@ -169,7 +169,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> None:
     if not args.dry_run and not args.no_report:  # the spec's runs only, not others under the same root
         finished = [run.run_dir for run in plan_runs(spec) if run.state() == "finished"]
         write_report(finished, spec.out / "report", spec.thresholds, spec.algos[0])
-        print(f"report: {spec.out / 'report'}/table.md, poi.md, curves_*.png, marl_eval.json")
+        print(f"report: {spec.out / 'report'}/table.md, poi.md, curves.png, curves_*.png, marl_eval.json")
 
 
 def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,10 +1,14 @@
-"""`seqmarl report`: finished runs -> table.md, poi.md, curves_<env>.png, marl_eval.json, summary.json.
+"""`seqmarl report`: finished runs -> table.md, poi.md, curves.png, curves_<env>.png, marl_eval.json,
+summary.json.
 
 table.md: per task and algorithm, the IQM over seeds of the final periodic evaluation and of the
-absolute evaluation (best checkpoint, 10x the episodes), each with a 95% stratified-bootstrap interval,
-the published number where there is one, steps to a threshold, wall time, commits and machine.
+absolute evaluation (absolute.json: many more episodes on one checkpoint of each run), each with a
+95% stratified-bootstrap interval, the published number where there is one, steps to a threshold,
+wall time, commits and machine.
 poi.md: probability of improvement of every algorithm over every other, per task and over all tasks
-both ran, with 95% intervals. Statistics: seqmarl/results.py (rliable).
+both ran, with 95% intervals. curves.png: every task's evaluation curves in one figure (one panel per
+task, one colour per algorithm); curves_<env>.png: one task each. Statistics: seqmarl/results.py
+(rliable).
 """
 
 from __future__ import annotations
@@ -174,17 +178,23 @@ def poi_markdown(runs: list[Run], baseline: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(runs: list[Run], env_name: str, out: Path, baseline: str | None = None) -> Path:
-    """IQM over seeds of every algorithm's evaluation curve on one task, with a 95% bootstrap band."""
+def _algo_colours(runs: list[Run], baseline: str | None) -> dict[str, Any]:
+    """One colour per algorithm, the same in every figure of a report."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    palette = matplotlib.colormaps["tab10"].colors
+    algos = _ordered_algos({run.key[1] for run in runs}, baseline)
+    return {algo: palette[i % len(palette)] for i, algo in enumerate(algos)}
 
+
+def _draw_task(
+    ax: Any, runs: list[Run], env_name: str, colours: dict[str, Any], baseline: str | None
+) -> list[str]:
+    """IQM curve with a 95% bootstrap band per algorithm on one axis; returns the algorithms drawn."""
     groups = {algo: group for (env, algo), group in group_runs(runs).items() if env == env_name}
-    fig, ax = plt.subplots(figsize=(6, 4))
+    algos = _ordered_algos(set(groups), baseline)
     metric = ""
-    for algo in _ordered_algos(set(groups), baseline):
+    for algo in algos:
         curves = [run.curve() for run in groups[algo]]
         metric = groups[algo][0].metric
         # evaluations at the same steps in every seed (a run cut short contributes its common prefix)
@@ -194,18 +204,60 @@ def plot_curves(runs: list[Run], env_name: str, out: Path, baseline: str | None 
         steps = np.array(curves[0][0][:length])
         values = np.array([v[:length] for _, v in curves])  # (seeds, steps)
         point, low, high = iqm_curve_with_ci(values)
-        (line,) = ax.plot(steps, point, linewidth=2, label=f"{algo} ({len(curves)} seeds)")
-        ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-    ax.set_title(f"{env_name}: IQM over seeds, 95% bootstrap CI")
+        colour = colours[algo]
+        ax.plot(steps, point, linewidth=2, color=colour, label=f"{algo} ({len(curves)} seeds)")
+        ax.fill_between(steps, low, high, color=colour, alpha=0.2, linewidth=0)
     ax.set_xlabel("env steps")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
+    return algos
+
+
+def plot_curves(runs: list[Run], env_name: str, out: Path, baseline: str | None = None) -> Path:
+    """IQM over seeds of every algorithm's evaluation curve on one task, with a 95% bootstrap band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _draw_task(ax, runs, env_name, _algo_colours(runs, baseline), baseline)
+    ax.set_title(f"{env_name}: IQM over seeds, 95% bootstrap CI")
     ax.legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def plot_all_tasks(runs: list[Run], out: Path, baseline: str | None = None) -> list[tuple[str, list[str]]]:
+    """Every task in one figure, one panel each (at most 3 per row), one colour per algorithm throughout
+    and one legend. Returns (task, algorithms drawn) per panel, in panel order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({run.key[0] for run in runs})
+    columns = min(3, len(tasks))
+    rows = -(-len(tasks) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows + 0.6), squeeze=False)
+    colours = _algo_colours(runs, baseline)
+    panels = []
+    for ax, task in zip(axes.flat, tasks):
+        panels.append((task, _draw_task(ax, runs, task, colours, baseline)))
+        ax.set_title(task, fontsize=10)
+    for ax in list(axes.flat)[len(tasks) :]:
+        ax.set_visible(False)
+    handles = [plt.Line2D([], [], color=colour, linewidth=2) for colour in colours.values()]
+    fig.legend(handles, list(colours), loc="lower center", ncol=len(colours), fontsize=9, frameon=False)
+    fig.suptitle("IQM over seeds of the periodic evaluation, 95% stratified-bootstrap band", fontsize=11)
+    fig.tight_layout(rect=(0, 0.6 / (3.6 * rows + 0.6), 1, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return panels
 
 
 def curve_file_name(env_name: str) -> str:
@@ -224,4 +276,5 @@ def write_report(
     (out_dir / "poi.md").write_text(poi_markdown(runs, baseline))
     for env_name in sorted({run.key[0] for run in runs}):
         plot_curves(runs, env_name, out_dir / curve_file_name(env_name), baseline)
+    plot_all_tasks(runs, out_dir / "curves.png", baseline)
     return rows
