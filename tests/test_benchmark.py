@@ -78,8 +78,11 @@ BAD_SPECS = [
         {"eval": {"absolute_checkpoint": "average:1"}},
         "eval.absolute_checkpoint: expected best, last or average",
     ),
-    ({"eval": {"absolute_checkpoint": "average:5"}}, "averages 5 checkpoints but each run keeps 3"),
-    ({"set": {"ppo.lrr": 1}}, None),  # the key is checked by `seqmarl train`, not here
+    ({"eval": {"absolute_checkpoint": "average:5"}}, "averages 5 checkpoints but smax:3m mat seed0 keeps 3"),
+    ({"eval": {"absolute_checkpoint": "average:5"}, "set": {**TINY_SET, "run.keep_checkpoints": 5}}, None),
+    # keys and values are checked against each run's resolved config before anything starts
+    ({"set": {"ppo.lrr": 1}}, "smax:3m mat seed0: unknown config key ppo.lrr"),
+    ({"set": {"ppo.lr": "fast"}}, "smax:3m mat seed0: ppo.lr: expected float, got 'fast'"),
     ({"thresholds": {"smax:8m": 0.9}}, "thresholds: expected a mapping ENV: VALUE"),
     ({"exclude": ["smax:3m qmix"]}, "exclude: expected 'ENV ALGO'"),
 ]
@@ -95,6 +98,20 @@ def test_bad_spec_is_one_line_exit_2(changes, fragment, tmp_path, capsys):
         return
     assert code == 2
     assert fragment in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_average_k_is_checked_against_what_a_started_run_saved(tmp_path, capsys):
+    """A started run continues with the config it saved, so that is what average:K is checked against."""
+    data = _tiny_spec(tmp_path / "out", eval={"absolute_checkpoint": "average:3"}, algos=["mappo"], seeds=[0])
+    (run,) = plan_runs(build_spec(data))
+    (run.run_dir / "checkpoints").mkdir(parents=True)
+    (run.run_dir / "checkpoints" / "step_40.pt").write_bytes(b"")  # state "resume"
+    (run.run_dir / "config.yaml").write_text("run: {keep_checkpoints: 2, eval_episodes: 2}\n")
+    spec = _write(tmp_path / "spec.yaml", data)
+    assert main(["benchmark", str(spec), "--dry-run"]) == 2
+    assert "average:3 averages 3 checkpoints but smax:3m mappo seed0 keeps 2" in capsys.readouterr().err
+    (run.run_dir / "config.yaml").write_text("run: {keep_checkpoints: 3, eval_episodes: 2}\n")
+    assert main(["benchmark", str(spec), "--dry-run"]) == 0
 
 
 def test_bad_spec_file_and_flags(tmp_path, capsys):

@@ -101,6 +101,34 @@ def plan_runs(spec: BenchmarkSpec) -> list[Run]:
     return runs
 
 
+def check_run_configs(spec: BenchmarkSpec, runs: list[Run], states: dict[int, str]) -> None:
+    """Before anything starts: resolve the config each unfinished run trains with, as `seqmarl train`
+    will (its preset, then the spec's settings), or read the one a started run saved. A bad `set:` key
+    or value, or an `average:K` beyond the checkpoints a run keeps, then fails in one line here rather
+    than in every worker."""
+    from seqmarl.cli import train_config
+
+    average = spec.eval.average_last
+    for run in runs:
+        state = states[id(run)]
+        if state == "finished":
+            continue
+        saved = run.run_dir / "config.yaml"
+        try:
+            if state != "fresh" and saved.is_file():
+                keep = int(yaml.safe_load(saved.read_text())["run"]["keep_checkpoints"])
+            else:
+                keep = train_config(run.train_args).run.keep_checkpoints
+        except UserError as e:
+            raise UserError(f"{run.label}: {e}") from None
+        if average is not None and average > keep:
+            raise UserError(
+                f"eval.absolute_checkpoint: average:{average} averages {average} checkpoints but "
+                f"{run.label} keeps {keep}; add set: {{run.keep_checkpoints: {average}}} (and a "
+                "run.checkpoint_every that writes that many)"
+            )
+
+
 def _check_identity(run: Run) -> None:
     """A run directory made by a different spec (other budget, other overrides) is never reused."""
     path = run.run_dir / "benchmark_run.json"
@@ -204,6 +232,7 @@ def run_benchmark(spec: BenchmarkSpec, command: str, dry_run: bool = False) -> i
             fcntl.flock(lock, fcntl.LOCK_EX)
     total = len(runs)
     states = {id(run): run.state() for run in runs}
+    check_run_configs(spec, runs, states)
     counts = {
         s: sum(1 for r in runs if states[id(r)] == s) for s in ("finished", "evaluate", "resume", "fresh")
     }

@@ -36,7 +36,8 @@ class EvalProtocol:
     """Every `every` env steps, `episodes` deterministic episodes; at the end `absolute_factor` x as many
     on `absolute_checkpoint`: "best" (best.pt, the best periodic evaluation's), "last" (the final
     checkpoint) or "average:K" (the weights of the K newest kept checkpoints averaged, `seqmarl average
-    --last K`; K <= run.keep_checkpoints). None = the task preset's value (SMAX: 50k / 32, MaMuJoCo:
+    --last K`; K <= run.keep_checkpoints of every run, checked when the benchmark plans its runs).
+    None = the task preset's value (SMAX: 50k / 32, MaMuJoCo:
     100k / 10)."""
 
     every: int | None = None
@@ -47,8 +48,7 @@ class EvalProtocol:
     @property
     def average_last(self) -> int | None:
         """K of "average:K", else None."""
-        kind, _, k = self.absolute_checkpoint.partition(":")
-        return int(k) if kind == "average" else None
+        return parse_absolute_checkpoint(self.absolute_checkpoint)
 
 
 @dataclass(frozen=True)
@@ -151,27 +151,18 @@ def drop_unselected(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _check_absolute_checkpoint(which: Any, assignments: tuple[str, ...]) -> None:
-    """best | last | average:K, with 2 <= K <= the checkpoints each run keeps."""
-    from seqmarl.config import RunConfig, parse_assignment
-
-    kind, _, k = str(which).partition(":")
+def parse_absolute_checkpoint(which: Any) -> int | None:
+    """eval.absolute_checkpoint: best or last -> None; average:K -> K (K >= 2); anything else fails.
+    Whether every run keeps K checkpoints depends on its resolved config, so the benchmark checks
+    that once it has planned the runs (`benchmark.check_run_configs`)."""
     if which in ("best", "last"):
-        return
+        return None
+    kind, _, k = str(which).partition(":")
     if kind != "average" or not k.isdigit() or int(k) < 2:
         raise UserError(
             f"eval.absolute_checkpoint: expected best, last or average:K (K >= 2 checkpoints), got {which!r}"
         )
-    keep = RunConfig().keep_checkpoints
-    for assignment in assignments:
-        value = parse_assignment(assignment).get("run", {}).get("keep_checkpoints")
-        if value is not None and str(value).isdigit():
-            keep = int(value)
-    if int(k) > keep:
-        raise UserError(
-            f"eval.absolute_checkpoint: {which} averages {k} checkpoints but each run keeps {keep}; "
-            f"add set: {{run.keep_checkpoints: {k}}} (and a run.checkpoint_every that writes that many)"
-        )
+    return int(k)
 
 
 def build_spec(data: dict[str, Any]) -> BenchmarkSpec:
@@ -198,7 +189,7 @@ def build_spec(data: dict[str, Any]) -> BenchmarkSpec:
         raise UserError(f"set: expected a mapping SECTION.KEY: VALUE, got {overrides!r}")
     assignments = tuple(f"{key}={value}" for key, value in overrides.items())
     for assignment in assignments:
-        parse_assignment(assignment)  # the values are checked by `seqmarl train` against the config
+        parse_assignment(assignment)  # keys and values: against each run's config, once runs are planned
     protocol = data.get("eval") or {}
     if not isinstance(protocol, dict) or set(protocol) - set(EVAL_KEYS):
         raise UserError(f"eval: expected a mapping with keys {', '.join(EVAL_KEYS)}, got {protocol!r}")
@@ -208,7 +199,7 @@ def build_spec(data: dict[str, Any]) -> BenchmarkSpec:
         absolute_factor=_positive_int(protocol.get("absolute_factor", 10), "eval.absolute_factor"),
         absolute_checkpoint=protocol.get("absolute_checkpoint", "best"),
     )
-    _check_absolute_checkpoint(eval_protocol.absolute_checkpoint, assignments)
+    parse_absolute_checkpoint(eval_protocol.absolute_checkpoint)
     exclude = set()
     for item in data.get("exclude") or []:
         env, algo = _exclude_pair(item)

@@ -12,10 +12,13 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from seqmarl.errors import TrainingFault, UserError
 from seqmarl.interrupt import STOP_SIGNALS, surviving_output
+
+if TYPE_CHECKING:
+    from seqmarl.config import TrainConfig
 
 
 class _Parser(argparse.ArgumentParser):
@@ -204,9 +207,24 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def _cmd_train(args: argparse.Namespace) -> None:
+def _fresh_train_config(args: argparse.Namespace) -> TrainConfig:
     from seqmarl.algos import algorithm_names
-    from seqmarl.config import build_config, config_from_dict
+    from seqmarl.config import build_config
+
+    args.algo = args.algo or "mat"
+    if args.algo not in algorithm_names():
+        raise UserError(f"unknown algorithm {args.algo!r}; available: {', '.join(algorithm_names())}")
+    return build_config(_train_overrides(args))
+
+
+def train_config(train_args: list[str]) -> TrainConfig:
+    """The config that `seqmarl train TRAIN_ARGS` (a fresh start) would train with, built the same way
+    (task and algorithm preset, --config files, flags, --set), without training."""
+    return _fresh_train_config(build_parser().parse_args(["train", *train_args]))
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from seqmarl.config import config_from_dict
     from seqmarl.plot import plot_runs
     from seqmarl.train import describe_result, resume, train
 
@@ -241,10 +259,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         )
         config = config_from_dict(_saved_config(result.run_dir))
     else:
-        args.algo = args.algo or "mat"
-        if args.algo not in algorithm_names():
-            raise UserError(f"unknown algorithm {args.algo!r}; available: {', '.join(algorithm_names())}")
-        config = build_config(_train_overrides(args))
+        config = _fresh_train_config(args)
         result = train(config)
     curve = plot_runs([result.run_dir], result.run_dir / args.plot)
     print(describe_result(config, result))
