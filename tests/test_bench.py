@@ -43,6 +43,7 @@ def run_script(name: str, *argv: str) -> subprocess.CompletedProcess:
             ],
         ),
         ("train.py", [], ["steps_per_s", "steps_per_cpu_s", "bound_steps_per_s", "fraction_of_bound"]),
+        ("env_step.py", ["--envs", "4"], ["env_steps_per_s", "speedup", "identical_records"]),
     ],
 )
 def test_script_runs_and_compares_with_its_own_baseline(script, flags, required, tmp_path):
@@ -58,6 +59,8 @@ def test_script_runs_and_compares_with_its_own_baseline(script, flags, required,
     assert "| " in result.stdout  # the table
     if script == "decode.py":
         assert all(row["outputs_match"] for row in payload["rows"] if "outputs_match" in row)
+    if script == "env_step.py":
+        assert all(row["identical_records"] for row in payload["rows"])
 
 
 def test_baseline_comparison_flags_a_slowdown_over_10_percent(tmp_path, capsys):

@@ -163,6 +163,34 @@ def test_same_seed_and_actions_give_identical_records(task: str) -> None:
     assert not torch.equal(run(seed=6)[0].obs, first[0].obs)
 
 
+# Ant and Walker2d fall under random actions, so both paths also go through automatic resets.
+@pytest.mark.parametrize("task", [CHEETAH, "Ant-4x2", "Walker2d-2x3", "Humanoid-9|8"])
+def test_index_gathers_give_the_records_of_mamujocos_own_path(task: str) -> None:
+    """The adapter's observation and action gathers against MaMuJoCo's per-agent builder and action
+    mapping (env.step), on the same seed and actions (beyond the bounds too, to exercise clipping)."""
+    gathered, own = make_vector_env(task, num_envs=3, seed=2), make_vector_env(task, num_envs=3, seed=2)
+    assert gathered._gather is not None
+    own._gather = None
+    generator = torch.Generator().manual_seed(3)
+    ends = 0
+    for _ in range(80):
+        actions = random_actions(gathered, generator) * 1.5
+        record = gathered.step(actions)
+        assert_records_equal(record, own.step(actions))
+        ends += int((record.terminated | record.truncated).sum())
+    assert task in (CHEETAH, "Humanoid-9|8") or ends > 0  # Ant and Walker2d: resets were covered
+    if task == "Ant-4x2":  # its contact forces are clipped to [-1, 1] by MaMuJoCo; the gather does too
+        assert gathered._gather.clip_mask.any()
+
+
+def test_a_task_whose_observations_are_not_a_selection_keeps_mamujocos_path() -> None:
+    """Hopper's MaMuJoCo observations clip joint velocities to +-10 (`extra_obs`), which no index
+    gather reproduces: the probes find that out and the adapter steps through MaMuJoCo itself."""
+    env = make_vector_env("Hopper-3x1", num_envs=2, seed=0)
+    assert env._gather is None
+    assert_record_contract(env.step(random_actions(env, torch.Generator().manual_seed(0))), env)
+
+
 def test_records_are_not_overwritten_by_later_steps() -> None:
     env = make_vector_env(CHEETAH, num_envs=2, seed=0)
     generator = torch.Generator().manual_seed(0)
