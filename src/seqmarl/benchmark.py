@@ -107,6 +107,7 @@ def check_run_configs(spec: BenchmarkSpec, runs: list[Run], states: dict[int, st
     or value, or an `average:K` beyond the checkpoints a run keeps, then fails in one line here rather
     than in every worker."""
     from seqmarl.cli import train_config
+    from seqmarl.config import config_from_dict
 
     average = spec.eval.average_last
     for run in runs:
@@ -115,8 +116,8 @@ def check_run_configs(spec: BenchmarkSpec, runs: list[Run], states: dict[int, st
             continue
         saved = run.run_dir / "config.yaml"
         try:
-            if state != "fresh" and saved.is_file():
-                keep = int(yaml.safe_load(saved.read_text())["run"]["keep_checkpoints"])
+            if state != "fresh" and saved.is_file():  # a started run continues with what it saved
+                keep = config_from_dict(yaml.safe_load(saved.read_text()) or {}).run.keep_checkpoints
             else:
                 keep = train_config(run.train_args).run.keep_checkpoints
         except UserError as e:

@@ -37,8 +37,7 @@ class EvalProtocol:
     on `absolute_checkpoint`: "best" (best.pt, the best periodic evaluation's), "last" (the final
     checkpoint) or "average:K" (the weights of the K newest kept checkpoints averaged, `seqmarl average
     --last K`; K <= run.keep_checkpoints of every run, checked when the benchmark plans its runs).
-    None = the task preset's value (SMAX: 50k / 32, MaMuJoCo:
-    100k / 10)."""
+    None = the task preset's value (SMAX: 50k / 32, MaMuJoCo: 100k / 10)."""
 
     every: int | None = None
     episodes: int | None = None
