@@ -1,7 +1,10 @@
 """End-to-end training throughput of MAT (env steps/s) with the task presets (the paper's settings,
 REFERENCE.md 2), a profile of where the time goes, and the compute bound.
 
-    python bench/train.py [--envs smax:3m ...] [--quick] [--json OUT] [--baseline FILE]
+    python bench/train.py [--envs smax:3m ...] [--algo mat] [--quick] [--json OUT] [--baseline FILE]
+
+`--algo` times another algorithm with its own preset (rows named "TASK/ALGO"); the compute bound is
+MAT's FLOP count, so it is given for MAT only.
 
 The trainer (seqmarl.train.train) runs unmodified; this script only wraps what it calls, from outside:
 the training envs' `step` (env), the algorithm's `act` and `values` (act), `collect` (the rollout loop:
@@ -77,10 +80,10 @@ class Profile:
         return wall, self.cpu_starts[last] - self.cpu_starts[first], totals
 
 
-def run_training(env_name: str, overrides: dict, iterations: int, warmup: int, profile: Profile):
+def run_training(env_name: str, algo: str, overrides: dict, iterations: int, warmup: int, profile: Profile):
     """Train with the trainer's own loop, wrapped for timing. Returns the config used."""
-    preset = preset_for(env_name)
-    settings = merge(preset, overrides)
+    preset = preset_for(env_name, algo)
+    settings = merge(merge(preset, {"algo": algo}), overrides)
     config = build_config(merge(settings, {"env": {"name": env_name}}))
     steps_per_iteration = config.ppo.rollout_length * config.env.num_envs
     with tempfile.TemporaryDirectory() as out_dir:
@@ -145,20 +148,25 @@ def run_training(env_name: str, overrides: dict, iterations: int, warmup: int, p
     return config, spec
 
 
-def bench_row(env_name: str, overrides: dict, iterations: int, warmup: int, device: torch.device) -> dict:
+def bench_row(
+    env_name: str, overrides: dict, iterations: int, warmup: int, device: torch.device, algo: str = "mat"
+) -> dict:
     profile = Profile()
-    config, spec = run_training(env_name, overrides, iterations, warmup, profile)
+    config, spec = run_training(env_name, algo, overrides, iterations, warmup, profile)
     wall, cpu, phases = profile.split(warmup, warmup + iterations)
     steps = config.ppo.rollout_length * config.env.num_envs * iterations
-    shape = common.ModelShape(spec.n_agents, spec.obs_dim, spec.action_space.mask_width, spec.discrete)
-    flops_per_env_step = spec.n_agents * (
-        common.act_flops_per_token(shape) + config.ppo.epochs * common.train_flops_per_token(shape)
-    )
-    minibatch_tokens = config.ppo.rollout_length * config.env.num_envs // config.ppo.num_minibatches
-    rate = common.model_shape_gflops(minibatch_tokens * spec.n_agents, 64, device)
-    bound = rate * 1e9 / flops_per_env_step
+    flops_per_env_step = rate = bound = None
+    if algo == "mat":  # the FLOP count (bench/common.py) is MAT's
+        shape = common.ModelShape(spec.n_agents, spec.obs_dim, spec.action_space.mask_width, spec.discrete)
+        flops_per_env_step = spec.n_agents * (
+            common.act_flops_per_token(shape) + config.ppo.epochs * common.train_flops_per_token(shape)
+        )
+        minibatch_tokens = config.ppo.rollout_length * config.env.num_envs // config.ppo.num_minibatches
+        rate = common.model_shape_gflops(minibatch_tokens * spec.n_agents, 64, device)
+        bound = rate * 1e9 / flops_per_env_step
     row = {
-        "name": env_name,
+        "name": env_name if algo == "mat" else f"{env_name}/{algo}",
+        "algo": algo,
         "N": spec.n_agents,
         "envs": config.env.num_envs,
         "rollout_length": config.ppo.rollout_length,
@@ -166,10 +174,10 @@ def bench_row(env_name: str, overrides: dict, iterations: int, warmup: int, devi
         "minibatches": config.ppo.num_minibatches,
         "iterations_timed": iterations,
         "steps_per_s": steps / wall,
-        "mflops_per_env_step": flops_per_env_step / 1e6,
+        "mflops_per_env_step": None if flops_per_env_step is None else flops_per_env_step / 1e6,
         "matmul_model_shape_gflops": rate,
         "bound_steps_per_s": bound,
-        "fraction_of_bound": steps / wall / bound,
+        "fraction_of_bound": None if bound is None else steps / wall / bound,
         "seconds_per_iteration": wall / iterations,
         # Steps per second of process CPU time: on a loaded machine wall time also counts the time
         # other processes held the cores; CPU time counts this process's own work (and its page faults).
@@ -186,7 +194,12 @@ def main() -> int:
     p.add_argument("--iterations", type=int, default=4, help="timed iterations per task")
     p.add_argument("--warmup", type=int, default=1, help="iterations left out at the start")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
+    p.add_argument("--algo", default="mat", help="algorithm (its preset applies); the bound is MAT's only")
     args = p.parse_args()
+    from seqmarl.algos import algorithm_names
+
+    if args.algo not in algorithm_names():
+        p.error(f"unknown algorithm {args.algo!r}; available: {', '.join(algorithm_names())}")
     overrides: dict = {}
     if args.quick:
         args.iterations, args.warmup = 2, 1
@@ -207,7 +220,7 @@ def main() -> int:
     )
     rows = []
     for env_name in args.envs:
-        rows.append(bench_row(env_name, overrides, args.iterations, args.warmup, device))
+        rows.append(bench_row(env_name, overrides, args.iterations, args.warmup, device, args.algo))
         print(f"  {env_name}: {rows[-1]['steps_per_s']:.0f} env steps/s", file=sys.stderr)
     common.print_table(
         rows,
@@ -225,7 +238,9 @@ def main() -> int:
     print(
         "compute bound = matmul GFLOP/s at the update's shapes (measured here) / model MFLOP per env step: "
         + ", ".join(
-            f"{r['name']} {r['matmul_model_shape_gflops']:.0f}/{r['mflops_per_env_step']:.2f}" for r in rows
+            f"{r['name']} {r['matmul_model_shape_gflops']:.0f}/{r['mflops_per_env_step']:.2f}"
+            for r in rows
+            if r["bound_steps_per_s"] is not None
         )
     )
     common.write_json(args.json, {"benchmark": "train", "machine": machine, "rows": rows})

@@ -43,6 +43,7 @@ def run_script(name: str, *argv: str) -> subprocess.CompletedProcess:
             ],
         ),
         ("train.py", [], ["steps_per_s", "steps_per_cpu_s", "bound_steps_per_s", "fraction_of_bound"]),
+        ("train.py", ["--algo", "mappo"], ["steps_per_s", "env_fraction", "update_fraction"]),
         ("env_step.py", ["--envs", "4"], ["env_steps_per_s", "speedup", "identical_records"]),
     ],
 )
@@ -59,6 +60,9 @@ def test_script_runs_and_compares_with_its_own_baseline(script, flags, required,
     assert "| " in result.stdout  # the table
     if script == "decode.py":
         assert all(row["outputs_match"] for row in payload["rows"] if "outputs_match" in row)
+    if "--algo" in flags:  # another algorithm: its own rows, no (MAT) compute bound
+        assert [row["name"] for row in payload["rows"]] == ["mamujoco:HalfCheetah-6x1/mappo"]
+        assert payload["rows"][0]["bound_steps_per_s"] is None
     if script == "env_step.py":
         assert all(row["identical_records"] for row in payload["rows"])
 
