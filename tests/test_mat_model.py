@@ -303,13 +303,13 @@ def assert_as_close_to_float64_as_torch(run) -> None:
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the C++ decode step cannot be built here")
-@pytest.mark.parametrize("tokens", [1, 5, 16, 32])
-@pytest.mark.parametrize("heads, width", [(1, 64), (3, 36)])
+@pytest.mark.parametrize("tokens", [1, 5, 16, 27, 32])
+@pytest.mark.parametrize("heads, width", [(1, 64), (2, 64), (3, 36)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_cpp_training_attention_matches_torch_forward_and_backward(tokens, heads, width, causal, monkeypatch):
     """The update's attention over few tokens (csrc/decode.cpp, nn/layers.py): its output and the
     gradients of every input and weight are as close to a float64 computation as those of torch's
-    scaled_dot_product_attention in float32, with queries and keys/values from different streams,
+    scaled_dot_product_attention in float32, with queries and keys/values from different streams and
     several heads and a head size off the vector width (12)."""
     from seqmarl.nn.layers import Attention
 
