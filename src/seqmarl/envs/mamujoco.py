@@ -15,7 +15,7 @@ Episodes end by termination (the body became unhealthy, e.g. Ant or Walker2d fal
 does) or by the simulator's time limit (truncation, 1000 steps); the two are kept apart as reported.
 
 Speed: MaMuJoCo builds each agent's observation in Python, value by value (`obsk.build_obs`), and
-maps the agents' actions onto the simulator's in a Python loop; for HalfCheetah-6x1 that is ~4x the
+maps the agents' actions onto the simulator's in a Python loop; for HalfCheetah-6x1 that is ~3x the
 MuJoCo step itself. Both are fixed selections of simulator arrays, so `_Gather` works them out once
 per task from MaMuJoCo's own functions (fed with arrays holding their own indices) and then does each
 as one numpy indexing. It is used only after it reproduced MaMuJoCo's functions exactly on random
