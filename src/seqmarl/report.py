@@ -187,41 +187,56 @@ def _algo_colours(runs: list[Run], baseline: str | None) -> dict[str, Any]:
     return {algo: palette[i % len(palette)] for i, algo in enumerate(algos)}
 
 
-def _draw_task(
-    ax: Any, runs: list[Run], env_name: str, colours: dict[str, Any], baseline: str | None
-) -> list[str]:
-    """IQM curve with a 95% bootstrap band per algorithm on one axis; returns the algorithms drawn."""
+Band = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, str]  # steps, IQM, low, high, seeds, metric
+
+
+def iqm_bands(runs: list[Run], env_name: str, baseline: str | None = None) -> dict[str, Band]:
+    """Per algorithm on one task (in report order): the IQM over seeds of its evaluation curve with a
+    95% bootstrap band. The bootstrap is the report's slow part, so write_report computes it once per
+    task for both figures."""
     groups = {algo: group for (env, algo), group in group_runs(runs).items() if env == env_name}
-    algos = _ordered_algos(set(groups), baseline)
-    metric = ""
-    for algo in algos:
+    bands = {}
+    for algo in _ordered_algos(set(groups), baseline):
         curves = [run.curve() for run in groups[algo]]
-        metric = groups[algo][0].metric
         # evaluations at the same steps in every seed (a run cut short contributes its common prefix)
         length = min(len(steps) for steps, _ in curves)
         while length and any(steps[:length] != curves[0][0][:length] for steps, _ in curves):
             length -= 1
         steps = np.array(curves[0][0][:length])
         values = np.array([v[:length] for _, v in curves])  # (seeds, steps)
-        point, low, high = iqm_curve_with_ci(values)
+        bands[algo] = (steps, *iqm_curve_with_ci(values), len(curves), groups[algo][0].metric)
+    return bands
+
+
+def _draw_task(ax: Any, bands: dict[str, Band], colours: dict[str, Any]) -> list[str]:
+    """One task's bands on one axis; returns the algorithms drawn."""
+    for algo, (steps, point, low, high, seeds, _) in bands.items():
         colour = colours[algo]
-        ax.plot(steps, point, linewidth=2, color=colour, label=f"{algo} ({len(curves)} seeds)")
+        ax.plot(steps, point, linewidth=2, color=colour, label=f"{algo} ({seeds} seeds)")
         ax.fill_between(steps, low, high, color=colour, alpha=0.2, linewidth=0)
     ax.set_xlabel("env steps")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(next(iter(bands.values()))[5] if bands else "")  # the task's metric
     ax.grid(alpha=0.3)
-    return algos
+    return list(bands)
 
 
-def plot_curves(runs: list[Run], env_name: str, out: Path, baseline: str | None = None) -> Path:
-    """IQM over seeds of every algorithm's evaluation curve on one task, with a 95% bootstrap band."""
+def plot_curves(
+    runs: list[Run],
+    env_name: str,
+    out: Path,
+    baseline: str | None = None,
+    bands: dict[str, Band] | None = None,
+) -> Path:
+    """IQM over seeds of every algorithm's evaluation curve on one task, with a 95% bootstrap band
+    (`bands`: iqm_bands' result for this task, computed here when not given)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    _draw_task(ax, runs, env_name, _algo_colours(runs, baseline), baseline)
+    bands = iqm_bands(runs, env_name, baseline) if bands is None else bands
+    _draw_task(ax, bands, _algo_colours(runs, baseline))
     ax.set_title(f"{env_name}: IQM over seeds, 95% bootstrap CI")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -231,7 +246,9 @@ def plot_curves(runs: list[Run], env_name: str, out: Path, baseline: str | None 
     return out
 
 
-def plot_all_tasks(runs: list[Run], out: Path, baseline: str | None = None) -> list[tuple[str, list[str]]]:
+def plot_all_tasks(
+    runs: list[Run], out: Path, baseline: str | None = None, bands: dict[str, dict[str, Band]] | None = None
+) -> list[tuple[str, list[str]]]:
     """Every task in one figure, one panel each (at most 3 per row), one colour per algorithm throughout
     and one legend. Returns (task, algorithms drawn) per panel, in panel order."""
     import matplotlib
@@ -246,7 +263,8 @@ def plot_all_tasks(runs: list[Run], out: Path, baseline: str | None = None) -> l
     colours = _algo_colours(runs, baseline)
     panels = []
     for ax, task in zip(axes.flat, tasks):
-        panels.append((task, _draw_task(ax, runs, task, colours, baseline)))
+        task_bands = iqm_bands(runs, task, baseline) if bands is None else bands[task]
+        panels.append((task, _draw_task(ax, task_bands, colours)))
         ax.set_title(task, fontsize=10)
     for ax in list(axes.flat)[len(tasks) :]:
         ax.set_visible(False)
@@ -274,7 +292,10 @@ def write_report(
     (out_dir / "marl_eval.json").write_text(json.dumps(marl_eval_json(runs)))
     (out_dir / "table.md").write_text(markdown_table(rows) + "\n")
     (out_dir / "poi.md").write_text(poi_markdown(runs, baseline))
-    for env_name in sorted({run.key[0] for run in runs}):
-        plot_curves(runs, env_name, out_dir / curve_file_name(env_name), baseline)
-    plot_all_tasks(runs, out_dir / "curves.png", baseline)
+    bands = {
+        env_name: iqm_bands(runs, env_name, baseline) for env_name in sorted({run.key[0] for run in runs})
+    }
+    for env_name, task_bands in bands.items():
+        plot_curves(runs, env_name, out_dir / curve_file_name(env_name), baseline, task_bands)
+    plot_all_tasks(runs, out_dir / "curves.png", baseline, bands)
     return rows
