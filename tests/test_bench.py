@@ -110,3 +110,70 @@ def test_update_refuses_a_reference_dir_that_is_not_the_reference_checkout(tmp_p
     assert result.returncode != 0
     assert "not a checkout of PKU-MARL/Multi-Agent-Transformer" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# A stand-in for a JaxMARL checkout: the layout bench/vs_jaxmarl.py imports from, with a make_train that
+# logs through `wandb.log` from inside jit (as JaxMARL's baseline does, via io_callback) a known win rate
+# per update: 0, 0.5, 1, 1. The harness must turn these into rows, times and thresholds.
+FAKE_JAXMARL_MAPPO = """
+import jax
+import jax.numpy as jnp
+import wandb
+
+
+def make_train(config):
+    batch = config["NUM_ENVS"] * config["NUM_STEPS"]
+    updates = int(config["TOTAL_TIMESTEPS"]) // batch
+
+    def log(update):
+        wandb.log({"env_step": update * batch, "win_rate": min(float(update) / 2, 1.0), "returns": 0.0})
+
+    def train(rng):
+        def update_step(update, _):
+            jax.experimental.io_callback(log, None, update)
+            return update + 1, None
+
+        return jax.lax.scan(update_step, jnp.int32(0), None, updates)
+
+    return train
+"""
+
+
+def test_peer_comparison_reads_both_libraries_logs(tmp_path):
+    mappo = tmp_path / "jaxmarl" / "baselines" / "MAPPO"
+    (mappo / "config").mkdir(parents=True)
+    (mappo / "mappo_rnn_smax.py").write_text(FAKE_JAXMARL_MAPPO)
+    (mappo / "config" / "mappo_homogenous_rnn_smax.yaml").write_text(
+        '"NUM_ENVS": 128\n"NUM_STEPS": 128\n"TOTAL_TIMESTEPS": 1e7\n"MAP_NAME": "2s3z"\n"SEED": 0\n'
+    )
+    out = tmp_path / "result.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "vs_jaxmarl.py"), "--quick", "--threads", "1"]
+        + ["--jaxmarl-src", str(tmp_path / "jaxmarl"), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    ours, peer = json.loads(out.read_text())["rows"]
+    assert ours["library"] == "seqmarl" and ours["steps"] == 6400
+    assert ours["eval_win_final"] is not None and ours["curve"][0][0] == 0  # the evaluation before training
+    # --quick: 8 envs x 16 steps = 128 env steps per update, 512 in all: four updates logged
+    assert peer["library"] == "jaxmarl" and [row[0] for row in peer["curve"]] == [128, 256, 384, 512]
+    assert [row[2] for row in peer["curve"]] == [0.0, 0.5, 1.0, 1.0]
+    assert peer["final_train_win"] == 1.0  # the last 10% of the steps: the last row
+    # averaged over the last 1e5 env steps (all rows here): 0, 0.25, 0.5, 0.625
+    assert peer["seconds_to_train_0.5"] == pytest.approx(
+        peer["curve"][2][1], abs=0.01
+    )  # the curve is rounded
+    assert peer["seconds_to_train_0.8"] is None
+    assert 0 < peer["curve"][0][1] <= peer["curve"][-1][1] <= peer["wall_s"]
+    assert "| smax:3m/jaxmarl-mappo/seed0 |" in result.stdout
+
+
+def test_peer_comparison_refuses_a_dir_that_is_not_a_jaxmarl_checkout(tmp_path):
+    result = run_script("vs_jaxmarl.py", "--jaxmarl-src", str(tmp_path))
+    assert result.returncode == 2
+    assert "baselines/MAPPO/mappo_rnn_smax.py not found" in result.stderr

@@ -25,7 +25,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse prints its usage and exits 2; we keep the exit code but print one line only."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"seqmarl: error: {message} (see seqmarl {self.prog.split()[-1]} --help)", file=sys.stderr)
+        # self.prog: "seqmarl" for the top-level parser (unknown arguments), "seqmarl train" for a command
+        print(f"seqmarl: error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
 
 
