@@ -73,9 +73,9 @@ def final_mean(rows: list[dict[str, float]], key: str, fraction: float = 0.1) ->
     return sum(recent) / len(recent)
 
 
-def run_child(command: list[str], env: dict[str, str], poll: Any = None) -> tuple[float, float, str]:
-    """Run `command`; return its wall seconds, CPU seconds (user + system, all threads) and output.
-    `poll(seconds_since_launch)` is called every POLL_SECONDS while it runs."""
+def run_child(command: list[str], env: dict[str, str], poll: Any = None) -> tuple[float, float]:
+    """Run `command`; return its wall seconds and CPU seconds (user + system, all threads); exit with its
+    output if it fails. `poll(seconds_since_launch)` is called every POLL_SECONDS while it runs."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.time()
     with tempfile.TemporaryFile(mode="w+") as log:
@@ -93,7 +93,7 @@ def run_child(command: list[str], env: dict[str, str], poll: Any = None) -> tupl
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if child.returncode != 0:
         raise SystemExit(f"child failed ({child.returncode}): {' '.join(command)}\n{output[-3000:]}")
-    return wall, cpu, output
+    return wall, cpu
 
 
 def run_seqmarl(algo: str, env_name: str, steps: int, seed: int, threads: int, quick: bool) -> dict[str, Any]:
@@ -129,7 +129,7 @@ def run_seqmarl(algo: str, env_name: str, steps: int, seed: int, threads: int, q
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(common.REPO / "src"), os.environ.get("PYTHONPATH", "")]),
         }
-        wall, cpu, _ = run_child(command, env, poll)
+        wall, cpu = run_child(command, env, poll)
     return {"library": "seqmarl", "algo": algo, "wall_s": wall, "cpu_s": cpu, "rows": rows}
 
 
@@ -142,7 +142,7 @@ def run_jaxmarl(src: Path, map_name: str, steps: int, seed: int, quick: bool) ->
         if quick:
             command.append("--quick")
         start = time.time()
-        wall, cpu, _ = run_child(command, dict(os.environ))
+        wall, cpu = run_child(command, dict(os.environ))
         rows = []
         for line in record.read_text().splitlines():
             entry = json.loads(line)
@@ -161,36 +161,30 @@ def jaxmarl_child(args: argparse.Namespace) -> None:
     """Runs inside the child: JaxMARL's own make_train with its own SMAX config, logging to a file."""
     import yaml
 
-    src = Path(args.jaxmarl_child).resolve()
-    script, config_file = src / JAXMARL_SCRIPT, src / JAXMARL_CONFIG
-    if not script.exists() or not config_file.exists():
-        raise SystemExit(
-            f"--jaxmarl-src {src}: {JAXMARL_SCRIPT} or {JAXMARL_CONFIG} not found (a JaxMARL checkout?)"
-        )
-    config = yaml.safe_load(config_file.read_text())
+    src = Path(args.jaxmarl_child).resolve()  # main() checked that both files are there
+    config = yaml.safe_load((src / JAXMARL_CONFIG).read_text())
     config.update(MAP_NAME=args.map, TOTAL_TIMESTEPS=args.child_steps, SEED=args.child_seed)
     if args.quick:
         config.update(NUM_ENVS=8, NUM_STEPS=16)
     batch = config["NUM_ENVS"] * config["NUM_STEPS"]  # env steps per update
 
-    record = open(args.record, "w")
+    with open(args.record, "w") as record:
 
-    def log(values: dict, **_: Any) -> None:  # stands in for wandb.log, called once per update
-        entry = {"time": time.time(), "steps_done": int(values["env_step"]) + batch}
-        entry["win_rate"] = float(values["win_rate"])
-        if entry["win_rate"] != entry["win_rate"]:  # NaN: no episode ended in this update
-            entry["win_rate"] = None
-        record.write(json.dumps(entry) + "\n")
-        record.flush()
+        def log(values: dict, **_: Any) -> None:  # stands in for wandb.log, called once per update
+            entry = {"time": time.time(), "steps_done": int(values["env_step"]) + batch}
+            entry["win_rate"] = float(values["win_rate"])
+            if entry["win_rate"] != entry["win_rate"]:  # NaN: no episode ended in this update
+                entry["win_rate"] = None
+            record.write(json.dumps(entry) + "\n")
+            record.flush()
 
-    sys.modules["wandb"] = types.SimpleNamespace(log=log, init=lambda *a, **k: None)
-    sys.path.insert(0, str(script.parent))
-    import jax
-    import mappo_rnn_smax  # JaxMARL's baseline, imported from the checkout
+        sys.modules["wandb"] = types.SimpleNamespace(log=log, init=lambda *a, **k: None)
+        sys.path.insert(0, str((src / JAXMARL_SCRIPT).parent))
+        import jax
+        import mappo_rnn_smax  # JaxMARL's baseline, imported from the checkout
 
-    train = jax.jit(mappo_rnn_smax.make_train(config))
-    jax.block_until_ready(train(jax.random.PRNGKey(args.child_seed)))
-    record.close()
+        train = jax.jit(mappo_rnn_smax.make_train(config))
+        jax.block_until_ready(train(jax.random.PRNGKey(args.child_seed)))
 
 
 def jaxmarl_commit(src: Path) -> str:
@@ -265,8 +259,10 @@ def main() -> None:
         return
     if not args.env.startswith("smax:"):
         p.error(f"--env {args.env}: JaxMARL's MAPPO baseline runs SMAX tasks only (smax:MAP)")
-    if args.jaxmarl_src is not None and not (args.jaxmarl_src / JAXMARL_SCRIPT).exists():
-        p.error(f"--jaxmarl-src {args.jaxmarl_src}: {JAXMARL_SCRIPT} not found (a JaxMARL checkout?)")
+    if args.jaxmarl_src is not None:
+        for needed in (JAXMARL_SCRIPT, JAXMARL_CONFIG):
+            if not (args.jaxmarl_src / needed).exists():
+                p.error(f"--jaxmarl-src {args.jaxmarl_src}: {needed} not found (a JaxMARL checkout?)")
     device = common.setup(args)
     threads = args.threads or os.cpu_count() or 1
     steps = 6400 if args.quick else int(args.steps)

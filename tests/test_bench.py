@@ -14,14 +14,14 @@ sys.path.insert(0, str(REPO / "bench"))
 import common  # noqa: E402
 
 
-def run_script(name: str, *argv: str) -> subprocess.CompletedProcess:
+def run_script(name: str, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(
         [sys.executable, str(REPO / "bench" / name), "--quick", "--threads", "1", *argv],
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=timeout,
     )
 
 
@@ -147,14 +147,8 @@ def test_peer_comparison_reads_both_libraries_logs(tmp_path):
         '"NUM_ENVS": 128\n"NUM_STEPS": 128\n"TOTAL_TIMESTEPS": 1e7\n"MAP_NAME": "2s3z"\n"SEED": 0\n'
     )
     out = tmp_path / "result.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "vs_jaxmarl.py"), "--quick", "--threads", "1"]
-        + ["--jaxmarl-src", str(tmp_path / "jaxmarl"), "--json", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
+    result = run_script(
+        "vs_jaxmarl.py", "--jaxmarl-src", str(tmp_path / "jaxmarl"), "--json", str(out), timeout=600
     )
     assert result.returncode == 0, result.stdout + result.stderr
     ours, peer = json.loads(out.read_text())["rows"]
@@ -164,10 +158,8 @@ def test_peer_comparison_reads_both_libraries_logs(tmp_path):
     assert peer["library"] == "jaxmarl" and [row[0] for row in peer["curve"]] == [128, 256, 384, 512]
     assert [row[2] for row in peer["curve"]] == [0.0, 0.5, 1.0, 1.0]
     assert peer["final_train_win"] == 1.0  # the last 10% of the steps: the last row
-    # averaged over the last 1e5 env steps (all rows here): 0, 0.25, 0.5, 0.625
-    assert peer["seconds_to_train_0.5"] == pytest.approx(
-        peer["curve"][2][1], abs=0.01
-    )  # the curve is rounded
+    # averaged over the last 1e5 env steps (all rows here): 0, 0.25, 0.5, 0.625; the curve's times are rounded
+    assert peer["seconds_to_train_0.5"] == pytest.approx(peer["curve"][2][1], abs=0.01)
     assert peer["seconds_to_train_0.8"] is None
     assert 0 < peer["curve"][0][1] <= peer["curve"][-1][1] <= peer["wall_s"]
     assert "| smax:3m/jaxmarl-mappo/seed0 |" in result.stdout
