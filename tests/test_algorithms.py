@@ -173,6 +173,32 @@ def test_mat_dec_weights_do_not_depend_on_agent_count():
     assert big.values(obs, torch.randn(2, S)).shape == (2, 7)
 
 
+def test_mat_dec_agent_id_lets_the_shared_actor_tell_agents_apart():
+    """With mlp.mat_dec_agent_id, agents with the same observation can act differently; without it they
+    cannot (one shared actor on the observation alone)."""
+    config = build_config({"algo": "mat_dec", "mlp": {"mat_dec_agent_id": True}})
+    torch.manual_seed(0)
+    with_id = make_algorithm("mat_dec", CONTINUOUS, config, CPU)
+    without = _make("mat_dec", CONTINUOUS)
+    assert with_id.model.actor.trunk[0].normalized_shape == (O + N,)
+    obs, state, mask = _inputs(CONTINUOUS)
+    obs[:] = obs[:, :1]  # every agent sees agent 0's observation
+    for p in with_id.model.actor.out.parameters():
+        torch.nn.init.normal_(p)  # the small-gain init makes the outputs nearly equal either way
+    a = with_id.act(obs, state, mask, deterministic=True).actions
+    b = without.act(obs, state, mask, deterministic=True).actions
+    assert not torch.allclose(a[:, 0], a[:, 1])
+    torch.testing.assert_close(b[:, 0], b[:, 1])
+    with pytest.raises(UserError, match="mat_dec_agent_id"):
+        check_compatible(
+            "mat_dec",
+            CONTINUOUS,
+            build_config(
+                {"algo": "mat_dec", "mlp": {"mat_dec_agent_id": True}, "ppo": {"shuffle_agent_order": True}}
+            ),
+        )
+
+
 def test_agent_order_shuffle_is_refused_for_agent_specific_models():
     config = build_config({"algo": "mappo", "ppo": {"shuffle_agent_order": True}})
     with pytest.raises(UserError, match="shuffle_agent_order"):

@@ -51,11 +51,17 @@ def check_compatible(name: str, spec: EnvSpec, config) -> None:
             f"{name} supports discrete actions only; {spec.name} has continuous actions "
             f"(use one of: {', '.join(n for n in _REGISTRY if algorithm_class(n).supports_continuous)})"
         )
-    if getattr(cls, "on_policy", True) and config.ppo.shuffle_agent_order and not cls.permutable:
-        raise UserError(
-            f"ppo.shuffle_agent_order is only for order-free models (mat, mat_dec); {name} has "
-            "agent-specific weights or inputs"
-        )
+    if getattr(cls, "on_policy", True) and config.ppo.shuffle_agent_order:
+        if not cls.permutable:
+            raise UserError(
+                f"ppo.shuffle_agent_order is only for order-free models (mat, mat_dec); {name} has "
+                "agent-specific weights or inputs"
+            )
+        if name == "mat_dec" and config.mlp.mat_dec_agent_id:
+            raise UserError(
+                "ppo.shuffle_agent_order needs an order-free model; mlp.mat_dec_agent_id gives MAT-Dec's "
+                "actor agent-specific inputs (set one of them to false)"
+            )
 
 
 def make_algorithm(name: str, spec: EnvSpec, config, device: torch.device):  # config: TrainConfig

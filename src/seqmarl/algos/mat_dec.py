@@ -1,8 +1,10 @@
 """MAT-Dec (paper section 6): MAT's encoder gives centralised per-agent values from all observations;
 the decoder is replaced by a decentralised actor that maps each agent's own observation to its action
-(one actor shared by all agents, so the weights stay independent of N). Advantages are local: each
-agent's GAE trace uses its own value from the encoder. The critic loss is on the mean value: the mean of
-the alive agents' values is fitted to the mean of their returns (PPOAlgorithm.value_loss_on_mean).
+(one actor shared by all agents, so the weights stay independent of N; `mlp.mat_dec_agent_id` appends a
+one-hot agent id to its input, which ties the weights to N and fixes the agent order). Advantages are
+local: each agent's GAE trace uses its own value from the encoder. The critic loss is on the mean value:
+the mean of the alive agents' values is fitted to the mean of their returns
+(PPOAlgorithm.value_loss_on_mean).
 
 Shape legend: B samples (env-steps), N agents, O obs, S state, A action-mask width.
 """
@@ -17,7 +19,7 @@ from seqmarl.buffer import RolloutBatch
 from seqmarl.config import PPOConfig
 from seqmarl.nn import cpp_decode
 from seqmarl.nn.mat import EncoderMixin, MATConfig
-from seqmarl.nn.mlp import Actor, MLPConfig
+from seqmarl.nn.mlp import Actor, MLPConfig, with_agent_id
 from seqmarl.types import ActOutput, EnvSpec, EvalOutput
 
 
@@ -25,7 +27,13 @@ class MATDecNetwork(EncoderMixin, nn.Module):
     def __init__(self, spec: EnvSpec, model: MATConfig, mlp: MLPConfig):
         super().__init__()
         self._build_encoder(model, spec)
-        self.actor = Actor(spec.obs_dim, spec, mlp)  # own observation only: no agent id, N-free
+        self.agent_id = mlp.mat_dec_agent_id
+        ids = spec.n_agents if self.agent_id else 0
+        self.actor = Actor(spec.obs_dim + ids, spec, mlp)  # own observation (+ id when asked)
+
+    def actor_input(self, obs: torch.Tensor) -> torch.Tensor:
+        """(B, N, O) -> (B, N, O) or, with the agent id, (B, N, O + N)."""
+        return with_agent_id(obs) if self.agent_id else obs
 
 
 class MATDecAlgorithm(PPOAlgorithm):
@@ -47,12 +55,13 @@ class MATDecAlgorithm(PPOAlgorithm):
         }
 
     def _act(self, obs, state, mask, deterministic) -> ActOutput:
-        actions, log_prob = self.model.actor.sample(obs, mask, deterministic)
+        actions, log_prob = self.model.actor.sample(self.model.actor_input(obs), mask, deterministic)
         return ActOutput(actions, log_prob, self.model.values(obs))
 
     def _values(self, obs, state) -> torch.Tensor:
         return self.model.values(obs)
 
     def _evaluate(self, mb: RolloutBatch) -> EvalOutput:
-        log_prob, entropy = self.model.actor.log_prob_entropy(mb.obs, mb.action_mask, mb.actions)
+        x = self.model.actor_input(mb.obs)
+        log_prob, entropy = self.model.actor.log_prob_entropy(x, mb.action_mask, mb.actions)
         return EvalOutput(log_prob, entropy, self.model.values(mb.obs))

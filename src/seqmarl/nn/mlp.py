@@ -27,6 +27,9 @@ class MLPConfig:
     hidden: int = 64  # H (MAPPO on SMAC: 64; HAPPO on MA-MuJoCo: 128)
     layers: int = 2  # hidden layers in each trunk
     agent_id: bool = True  # append a one-hot agent id to shared actors' and critics' inputs (MAPPO)
+    # MAT-Dec's shared actor: append a one-hot agent id to its input too. Off by default, as the reference
+    # MAT-Dec (its actor sees only the agent's own observation, and the weights stay N-free).
+    mat_dec_agent_id: bool = False
     std_init: float = 1.0  # continuous: initial pre-sigmoid std parameter (as MAT)
     std_scale: float = 0.5  # continuous: std = sigmoid(param) * std_scale (as MAT)
 
