@@ -199,6 +199,25 @@ def test_mat_dec_agent_id_lets_the_shared_actor_tell_agents_apart():
         )
 
 
+def test_mappo_critic_own_obs_makes_each_value_read_its_own_observation():
+    """mlp.critic_own_obs (the MAPPO paper's agent-specific global state): with it, changing agent 1's
+    observation moves agent 1's value and no other; without it, the critic reads only state + id."""
+    torch.manual_seed(0)
+    config = build_config({"algo": "mappo", "mlp": {"critic_own_obs": True}})
+    own = make_algorithm("mappo", DISCRETE, config, CPU)
+    plain = _make("mappo", DISCRETE)
+    assert own.model.critic.trunk[0].normalized_shape == (S + O + N,)
+    obs, state, _ = _inputs(DISCRETE)
+    changed = obs.clone()
+    changed[:, 1] = torch.randn_like(changed[:, 1])
+    v, w = own.values(obs, state), own.values(changed, state)
+    assert not torch.allclose(v[:, 1], w[:, 1])
+    torch.testing.assert_close(torch.cat([v[:, :1], v[:, 2:]], 1), torch.cat([w[:, :1], w[:, 2:]], 1))
+    torch.testing.assert_close(plain.values(obs, state), plain.values(changed, state))
+    with pytest.raises(UserError, match="critic_own_obs"):
+        check_compatible("ippo", DISCRETE, build_config({"algo": "ippo", "mlp": {"critic_own_obs": True}}))
+
+
 def test_agent_order_shuffle_is_refused_for_agent_specific_models():
     config = build_config({"algo": "mappo", "ppo": {"shuffle_agent_order": True}})
     with pytest.raises(UserError, match="shuffle_agent_order"):

@@ -51,6 +51,11 @@ def check_compatible(name: str, spec: EnvSpec, config) -> None:
             f"{name} supports discrete actions only; {spec.name} has continuous actions "
             f"(use one of: {', '.join(n for n in _REGISTRY if algorithm_class(n).supports_continuous)})"
         )
+    if config.mlp.critic_own_obs and name != "mappo":
+        raise UserError(
+            f"mlp.critic_own_obs is for MAPPO's centralised critic (global state + own observation); "
+            f"{name} does not use it (set it to false)"
+        )
     if getattr(cls, "on_policy", True) and config.ppo.shuffle_agent_order:
         if not cls.permutable:
             raise UserError(

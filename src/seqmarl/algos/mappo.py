@@ -3,7 +3,8 @@ with value normalisation, Huber value loss and dead-agent masking (the tuned rec
 advantages from per-agent critics.
 
 MAPPO's critic is centralised: it reads the env's global state (plus the agent id, so each agent's value
-can differ). IPPO's critic is decentralised: each agent's value reads only its own observation (plus id).
+can differ; `mlp.critic_own_obs` adds the agent's own observation, the paper's agent-specific state).
+IPPO's critic is decentralised: each agent's value reads only its own observation (plus id).
 The actors here are feed-forward; the paper's recurrent variant (rMAPPO) is not built.
 
 Shape legend: B samples (env-steps), N agents, O obs, S state, A action-mask width.
@@ -26,9 +27,11 @@ class SharedActorCritic(nn.Module):
         super().__init__()
         self.agent_id = config.agent_id
         self.centralised = centralised
+        self.own_obs = centralised and config.critic_own_obs
         ids = spec.n_agents if config.agent_id else 0
         self.actor = Actor(spec.obs_dim + ids, spec, config)
-        self.critic = Critic((spec.state_dim if centralised else spec.obs_dim) + ids, config)
+        critic_in = spec.state_dim + (spec.obs_dim if self.own_obs else 0) if centralised else spec.obs_dim
+        self.critic = Critic(critic_in + ids, config)
 
     def _ids(self, x: torch.Tensor) -> torch.Tensor:
         return with_agent_id(x) if self.agent_id else x
@@ -37,8 +40,9 @@ class SharedActorCritic(nn.Module):
         return self._ids(obs)
 
     def critic_input(self, obs: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        if self.centralised:  # the global state seen from every agent's seat: (B, N, S [+ N])
-            return self._ids(state[:, None].expand(-1, obs.shape[1], -1))
+        if self.centralised:  # the global state seen from every agent's seat: (B, N, S [+ O] [+ N])
+            seat = state[:, None].expand(-1, obs.shape[1], -1)
+            return self._ids(torch.cat([seat, obs], dim=-1) if self.own_obs else seat)
         return self._ids(obs)  # (B, N, O [+ N])
 
     def values(self, obs: torch.Tensor, state: torch.Tensor) -> torch.Tensor:

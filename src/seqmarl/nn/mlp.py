@@ -30,6 +30,9 @@ class MLPConfig:
     # MAT-Dec's shared actor: append a one-hot agent id to its input too. Off by default, as the reference
     # MAT-Dec (its actor sees only the agent's own observation, and the weights stay N-free).
     mat_dec_agent_id: bool = False
+    # MAPPO's centralised critic: read the agent's own observation beside the global state (Yu et al. 2022's
+    # "agent-specific global state", AS). Off by default: the preset's critic reads the global state + id.
+    critic_own_obs: bool = False
     std_init: float = 1.0  # continuous: initial pre-sigmoid std parameter (as MAT)
     std_scale: float = 0.5  # continuous: std = sigmoid(param) * std_scale (as MAT)
 
