@@ -214,8 +214,9 @@ def test_mappo_critic_own_obs_makes_each_value_read_its_own_observation():
     assert not torch.allclose(v[:, 1], w[:, 1])
     torch.testing.assert_close(torch.cat([v[:, :1], v[:, 2:]], 1), torch.cat([w[:, :1], w[:, 2:]], 1))
     torch.testing.assert_close(plain.values(obs, state), plain.values(changed, state))
-    with pytest.raises(UserError, match="critic_own_obs"):
-        check_compatible("ippo", DISCRETE, build_config({"algo": "ippo", "mlp": {"critic_own_obs": True}}))
+    for name, key in (("ippo", "critic_own_obs"), ("mappo", "mat_dec_agent_id")):  # switches it would ignore
+        with pytest.raises(UserError, match=f"mlp.{key} is only read by"):
+            check_compatible(name, DISCRETE, build_config({"algo": name, "mlp": {key: True}}))
 
 
 def test_agent_order_shuffle_is_refused_for_agent_specific_models():

@@ -51,11 +51,9 @@ def check_compatible(name: str, spec: EnvSpec, config) -> None:
             f"{name} supports discrete actions only; {spec.name} has continuous actions "
             f"(use one of: {', '.join(n for n in _REGISTRY if algorithm_class(n).supports_continuous)})"
         )
-    if config.mlp.critic_own_obs and name != "mappo":
-        raise UserError(
-            f"mlp.critic_own_obs is for MAPPO's centralised critic (global state + own observation); "
-            f"{name} does not use it (set it to false)"
-        )
+    for key, owner in (("critic_own_obs", "mappo"), ("mat_dec_agent_id", "mat_dec")):
+        if getattr(config.mlp, key) and name != owner:  # a switch the chosen algorithm would ignore
+            raise UserError(f"mlp.{key} is only read by {owner}; {name} does not use it (set it to false)")
     if getattr(cls, "on_policy", True) and config.ppo.shuffle_agent_order:
         if not cls.permutable:
             raise UserError(
