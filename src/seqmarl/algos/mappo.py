@@ -30,8 +30,8 @@ class SharedActorCritic(nn.Module):
         self.own_obs = centralised and config.critic_own_obs
         ids = spec.n_agents if config.agent_id else 0
         self.actor = Actor(spec.obs_dim + ids, spec, config)
-        critic_in = spec.state_dim + (spec.obs_dim if self.own_obs else 0) if centralised else spec.obs_dim
-        self.critic = Critic(critic_in + ids, config)
+        seat = spec.state_dim + (spec.obs_dim if self.own_obs else 0)  # what critic_input gives each agent
+        self.critic = Critic((seat if centralised else spec.obs_dim) + ids, config)
 
     def _ids(self, x: torch.Tensor) -> torch.Tensor:
         return with_agent_id(x) if self.agent_id else x
