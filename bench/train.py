@@ -1,10 +1,13 @@
 """End-to-end training throughput of MAT (env steps/s) with the task presets (the paper's settings,
 REFERENCE.md 2), a profile of where the time goes, and the compute bound.
 
-    python bench/train.py [--envs smax:3m ...] [--algo mat] [--quick] [--json OUT] [--baseline FILE]
+    python bench/train.py [--envs smax:3m ...] [--algo mat] [--per-layer] [--quick] [--json OUT]
+                          [--baseline FILE]
 
 `--algo` times another algorithm with its own preset (rows named "TASK/ALGO"); the compute bound is
-MAT's FLOP count, so it is given for MAT only.
+MAT's FLOP count, so it is given for MAT only. `--per-layer` runs MAT's update layer by layer through
+autograd instead of as one C++ pass (`cpp_decode.use_training_pass`), for an end-to-end A/B between two
+runs of this script.
 
 The trainer (seqmarl.train.train) runs unmodified; this script only wraps what it calls, from outside:
 the training envs' `step` (env), the algorithm's `act` and `values` (act), `collect` (the rollout loop:
@@ -195,7 +198,12 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=1, help="iterations left out at the start")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
     p.add_argument("--algo", default="mat", help="algorithm (its preset applies); the bound is MAT's only")
+    p.add_argument("--per-layer", action="store_true", help="MAT update layer by layer, not one C++ pass")
     args = p.parse_args()
+    if args.per_layer:
+        from seqmarl.nn import cpp_decode
+
+        cpp_decode.use_training_pass = False
     from seqmarl.algos import algorithm_names
 
     if args.algo not in algorithm_names():

@@ -2,13 +2,16 @@
 through `MATAlgorithm.update` (the trainer's own code path), against the matmul rate measured in this run.
 
     python bench/update.py [--quick] [--json OUT] [--baseline FILE] [--compare-attention]
-                           [--compare-fused] [--compare-adam] [--ops] [--reference-src DIR]
+                           [--compare-fused] [--compare-adam] [--compare-pass] [--ops]
+                           [--reference-src DIR]
 
 With `--compare-attention` every row also times the same update with torch's attention kernel instead of
 the C++ loops for few tokens (nn/layers.py, `cpp_decode.use_training_attention`), alternating call by
 call, and prints the gain. `--compare-fused` does the same with torch's GELU and LayerNorm instead of
 the C++ ones (`cpp_decode.use_training_fused`), and `--compare-adam` with torch's for-loop Adam instead of
-its fused kernel (`seqmarl.algos.base.adam`).
+its fused kernel (`seqmarl.algos.base.adam`). `--compare-pass` times the update with MAT's per-layer
+autograd pass (torch's matmuls, the C++ attention/GELU/LayerNorm above) instead of its whole forward and
+backward as one C++ pass (`cpp_decode.use_training_pass`, nn/mat.py `_TrainingPass`).
 
 With `--reference-src DIR` (a checkout of PKU-MARL/Multi-Agent-Transformer, e.g. be3ff49) every row also
 times the reference's own update on the same batch in the same process: its `MultiAgentTransformer`
@@ -23,9 +26,10 @@ achieved GFLOP/s = FLOPs per token x tokens / time. Two matmul rates are measure
 - square: 2048 x 2048 x 2048 (the machine's best case).
 The target (>= 70% of the matmul rate) is read against the model-shape rate; both ratios are printed.
 
-With `--ops` every row also runs a few updates with each aten call timed (a TorchDispatchMode: the
-kernel's own time, not the dispatcher's; the C++ attention/GELU/LayerNorm calls are not aten calls and
-are left out) and prints what the matmuls (mm, addmm) take inside the update: their share of the
+With `--ops` every row also runs a few updates of the per-layer pass (the C++ whole pass runs its own
+matmuls, no aten op to time) with each aten call timed (a TorchDispatchMode: the kernel's own time, not
+the dispatcher's; the C++ attention/GELU/LayerNorm calls are not aten calls and are left out) and prints
+what the matmuls (mm, addmm) take inside the update: their share of the
 update's time and their GFLOP/s there. That rate over the model-shape rate is the update's ceiling with
 torch's matmuls: the fraction the update would reach if everything but its matmuls took no time.
 """
@@ -135,6 +139,7 @@ def bench_row(
     compare_fused: bool = False,
     compare_adam: bool = False,
     ops: bool = False,
+    compare_pass: bool = False,
 ) -> dict:
     spec = EnvSpec("bench", N, OBS_DIM, OBS_DIM, DiscreteActions(ACTIONS), 100, False)
     torch.manual_seed(0)
@@ -142,14 +147,16 @@ def bench_row(
     batch = synthetic_batch(samples, N, device)
     generator = torch.Generator().manual_seed(0)
 
-    switches = (cpp_decode.use_training_attention, cpp_decode.use_training_fused)  # as the user left them
+    c = cpp_decode
+    switches = (c.use_training_attention, c.use_training_fused, c.use_training_pass)  # as the user left them
     fused_adam = algorithm.optimizer
     # Both optimisers step the same weights, each keeping its own moments: the times are what matter.
     loop_adam = torch.optim.Adam(algorithm.model.parameters(), lr=5e-4, eps=1e-5) if compare_adam else None
 
-    def update(attention: bool, fused: bool, optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    def update(attention: bool, fused: bool, whole: bool, optimizer: torch.optim.Optimizer) -> Callable:
         def run() -> None:
             cpp_decode.use_training_attention, cpp_decode.use_training_fused = attention, fused
+            cpp_decode.use_training_pass = whole
             algorithm.optimizer = optimizer
             algorithm.update(batch, 5e-4, generator)
 
@@ -157,9 +164,11 @@ def bench_row(
 
     fns = {"ours": update(*switches, fused_adam)}
     if compare_attention:  # the same update with torch's attention kernel throughout
-        fns["sdpa"] = update(False, switches[1], fused_adam)
+        fns["sdpa"] = update(False, switches[1], False, fused_adam)
     if compare_fused:  # ... with torch's GELU and LayerNorm
-        fns["torch_fused"] = update(switches[0], False, fused_adam)
+        fns["torch_fused"] = update(switches[0], False, False, fused_adam)
+    if compare_pass:  # ... layer by layer through autograd, not as one C++ pass
+        fns["per_layer"] = update(switches[0], switches[1], False, fused_adam)
     if loop_adam is not None:  # ... with torch's for-loop Adam
         fns["loop_adam"] = update(*switches, loop_adam)
     if ref is not None:
@@ -172,15 +181,17 @@ def bench_row(
             timed = common.time_alternating_ms(fns, device, repeats, warmup=2)
             update_ms = timed["ours"]
     finally:
-        cpp_decode.use_training_attention, cpp_decode.use_training_fused = switches
+        c.use_training_attention, c.use_training_fused, c.use_training_pass = switches
         algorithm.optimizer = fused_adam
     reference_same_run_ms, sdpa_ms = timed.get("reference"), timed.get("sdpa")
     torch_fused_ms, loop_adam_ms = timed.get("torch_fused"), timed.get("loop_adam")
+    per_layer_ms = timed.get("per_layer")
     tokens = samples * N
     flops_per_token = common.train_flops_per_token(common.ModelShape(N, OBS_DIM, ACTIONS, discrete=True))
     achieved = flops_per_token * tokens / (update_ms / 1e3) / 1e9
     model_rate = common.model_shape_gflops(tokens, 64, device)
-    split = op_split(fns["ours"], device) if ops else {}
+    # The aten matmuls are those of the per-layer pass: the C++ pass runs its own (no aten op to time).
+    split = op_split(update(switches[0], switches[1], False, fused_adam), device) if ops else {}
     matmul_rate = split["matmul_flops"] / split["matmul_ms"] / 1e6 if split else None
     if split:
         top = sorted(split["op_ms"].items(), key=lambda kv: -kv[1])[:6]
@@ -197,6 +208,9 @@ def bench_row(
         "sdpa_attention_ms": sdpa_ms,
         "attention_gain": sdpa_ms / update_ms if sdpa_ms else None,
         "train_fused": cpp_decode.fused_name("auto", device),
+        "train_pass": cpp_decode.pass_name("auto", device),
+        "per_layer_ms": per_layer_ms,
+        "pass_gain": per_layer_ms / update_ms if per_layer_ms else None,
         "torch_fused_ms": torch_fused_ms,
         "fused_gain": torch_fused_ms / update_ms if torch_fused_ms else None,
         "adam": "fused" if fused_adam.defaults.get("fused") else "for-loop",
@@ -272,6 +286,11 @@ def main() -> int:
         help="also time the same update with torch's for-loop Adam (not the fused one), alternating",
     )
     p.add_argument(
+        "--compare-pass",
+        action="store_true",
+        help="also time the same update layer by layer through autograd (not as one C++ pass), alternating",
+    )
+    p.add_argument(
         "--ops",
         action="store_true",
         help="also time each aten op inside the update: the matmuls' share, their rate there, the ceiling",
@@ -290,7 +309,7 @@ def main() -> int:
     ref = load_reference(args.reference_src) if args.reference_src else None
     rows = []
     for N in args.agents:
-        compare = (args.compare_attention, args.compare_fused, args.compare_adam, args.ops)
+        compare = (args.compare_attention, args.compare_fused, args.compare_adam, args.ops, args.compare_pass)
         row = bench_row(N, args.samples, args.repeats, device, square_rate, ref, *compare)
         rows.append(row)
         print(f"  {rows[-1]['name']}: {rows[-1]['update_ms']:.1f} ms", file=sys.stderr)
@@ -325,6 +344,12 @@ def main() -> int:
                     ("fused_gain", "C++ GELU/LayerNorm gain", ".2f"),
                 ]
                 if args.compare_fused
+                else []
+            ),
+            ("train_pass", "pass", "s"),
+            *(
+                [("per_layer_ms", "per-layer pass ms", ".1f"), ("pass_gain", "whole-pass gain", ".2f")]
+                if args.compare_pass
                 else []
             ),
             ("adam", "Adam", "s"),

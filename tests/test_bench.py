@@ -32,9 +32,10 @@ def run_script(name: str, *argv: str, timeout: float = 120) -> subprocess.Comple
         ("update.py", [], ["update_ms", "gflops", "matmul_model_shape_gflops"]),
         (
             "update.py",
-            ["--compare-attention", "--compare-fused", "--compare-adam", "--ops"],
+            ["--compare-attention", "--compare-fused", "--compare-adam", "--ops", "--compare-pass"],
             [
                 "update_ms",
+                "pass_gain",
                 "attention_gain",
                 "fused_gain",
                 "adam_gain",

@@ -26,12 +26,15 @@ class MATAlgorithm(PPOAlgorithm):
 
     def provenance(self) -> dict[str, str]:
         """Written into meta.json: which cached decode loop acts, which kernel attends in the update and
-        which GELU / LayerNorm kernels run (they round differently)."""
+        which GELU / LayerNorm kernels run, and whether the update's forward and backward run as one C++ pass
+        (they round differently)."""
         mode = self.model.config.decode
+        whole_pass = "per-layer" if self.model.config.pre_norm else cpp_decode.pass_name(mode, self.device)
         return {
             "decode_loop": cpp_decode.loop_name(mode, self.device),
             "train_attention": cpp_decode.attention_name(mode, self.device),
             "train_fused": cpp_decode.fused_name(mode, self.device),
+            "train_pass": whole_pass,
         }
 
     def _act(self, obs, state, mask, deterministic) -> ActOutput:  # the global state is not used

@@ -46,6 +46,10 @@ TRAINING_ATTENTION_MAX_TOKENS = 32
 # And GELU and residual + LayerNorm forward/backward in one pass each (nn/layers.py `gelu`,
 # `add_layer_norm`), for CPU float32 with AVX2/FMA at any size; False leaves them to torch.
 use_training_fused = True
+# And MAT's whole forward and backward in the update as one C++ pass (nn/mat.py `_TrainingPass`): CPU
+# float32 with AVX2/FMA, post-LayerNorm blocks; False keeps the per-layer autograd pass (the tests
+# compare the two, bench/update.py --compare-pass times them).
+use_training_pass = True
 LAYER_NORM_EPS = 1e-5  # the C++ LayerNorm's epsilon (nn.LayerNorm's default); other values go to torch
 NAME = "seqmarl_decode"
 
@@ -166,6 +170,18 @@ def training_kernels(mode: str, x: torch.Tensor) -> ModuleType | None:
     """The module whose GELU and residual + LayerNorm loops take `x`, or None for torch's: another
     device or dtype, no AVX2/FMA, mode "python", or `use_training_fused` off."""
     return _vector_module(mode, x) if use_training_fused else None
+
+
+def training_pass(mode: str, x: torch.Tensor) -> ModuleType | None:
+    """The module whose `training_forward` / `training_backward` run MAT's whole update pass on `x`'s
+    device and dtype, or None for the per-layer autograd pass."""
+    return _vector_module(mode, x) if use_training_pass else None
+
+
+def pass_name(mode: str, device: torch.device) -> str:
+    """How MAT's update runs its forward and backward on `device` (float32, post-LayerNorm): "cpp" (one C++
+    pass) or "per-layer" (autograd) (meta.json, bench/update.py)."""
+    return "cpp" if training_pass(mode, torch.empty(1, device=device)) is not None else "per-layer"
 
 
 def attention_name(mode: str, device: torch.device, tokens: int = 1) -> str:

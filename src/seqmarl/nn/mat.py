@@ -193,6 +193,27 @@ class DecoderCache:
 CPP_WEIGHT_ORDER = ("qkv", "self_proj", "cross_kv", "cross_proj", "mlp_fc", "mlp_proj", "ln1", "ln2", "ln3")
 
 
+class _TrainingPass(torch.autograd.Function):
+    """The encoder, decoder and both heads of `MultiAgentTransformer.evaluate` forward and backward in one
+    C++ pass (csrc/decode.cpp, "The whole training pass of MAT, fused"). Inputs: obs (B, N, O), the
+    decoder's input (discrete: (B, N) rows of the action embedding; continuous: (B, N, A) previous
+    actions), the weights of `_training_pass_weights`. Outputs: policy outputs (B, N, A), values (B, N)."""
+
+    @staticmethod
+    def forward(ctx, module, obs, dec_in, n_block, n_head, *weights):
+        out, value, saved = module.training_forward(obs, dec_in, list(weights), n_block, n_head)
+        ctx.module, ctx.saved, ctx.dec_in, ctx.shape = module, saved, dec_in, (n_block, n_head)
+        ctx.weights = weights
+        return out, value
+
+    @staticmethod
+    def backward(ctx, dout, dvalue):
+        weights = list(ctx.weights)
+        grads = ctx.module.training_backward(dout, dvalue, ctx.saved, ctx.dec_in, weights, *ctx.shape)
+        ctx.saved = None  # the activations go now, not when the graph does
+        return (None, None, None, None, None, *grads)
+
+
 class Head(nn.Sequential):
     """Linear -> GELU -> LayerNorm -> Linear, as the reference's value and policy heads. A Sequential,
     so parameter names (and checkpoints) stay `<head>.0.weight` ...; `forward` runs GELU and LayerNorm
@@ -303,11 +324,49 @@ class MultiAgentTransformer(EncoderMixin, nn.Module):
         return dist.gaussian_log_prob_entropy(out, self._std(), actions)
 
     def evaluate(self, obs: torch.Tensor, action_mask: torch.Tensor, actions: torch.Tensor) -> EvalOutput:
-        """Teacher-forced pass. obs (B, N, O), action_mask (B, N, A) bool, actions (B, N) or (B, N, A)."""
-        rep, value = self.encode(obs)
-        out = self._decode(self._tokens(actions[:, :-1]), rep)  # (B, N, A)
+        """Teacher-forced pass. obs (B, N, O), action_mask (B, N, A) bool, actions (B, N) or (B, N, A).
+
+        With gradients on a CPU that runs csrc/decode.cpp's vector loops, the encoder, decoder and heads
+        run as one C++ pass (`_TrainingPass`: same maths, another summation order); the log-probs and
+        entropies are taken here either way."""
+        module = None
+        if torch.is_grad_enabled() and not self.config.pre_norm:
+            module = cpp_decode.training_pass(self.config.decode, obs)
+        if module is not None:
+            B = obs.shape[0]
+            if self.discrete:
+                dec_in = torch.cat([actions.new_zeros(B, 1), actions[:, :-1] + 1], dim=1)  # (B, N) rows
+            else:
+                dec_in = torch.cat([actions.new_zeros(B, 1, self.action_width), actions[:, :-1]], dim=1)
+            c = self.config
+            out, value = _TrainingPass.apply(
+                module, obs, dec_in, c.n_block, c.n_head, *self._training_pass_weights()
+            )
+        else:
+            rep, value = self.encode(obs)
+            out = self._decode(self._tokens(actions[:, :-1]), rep)  # (B, N, A)
         log_prob, entropy = self._log_prob_entropy(out, action_mask, actions)
         return EvalOutput(log_prob=log_prob, entropy=entropy, value=value)
+
+    def _training_pass_weights(self) -> list[torch.Tensor]:
+        """The weights in the order csrc/decode.cpp's training pass reads them; each attention's query /
+        key / value weights side by side (torch.cat, so autograd hands each its own gradient)."""
+        own = lambda layer: [layer.weight, layer.bias]  # noqa: E731
+        side_by_side = lambda *ls: [torch.cat([x.weight for x in ls]), torch.cat([x.bias for x in ls])]  # noqa: E731
+        w = own(self.obs_embed[0]) + own(self.obs_embed[1]) + own(self.enc_ln)
+        for b in self.enc_blocks:
+            w += side_by_side(b.attn.query, b.attn.key, b.attn.value) + own(b.attn.proj) + own(b.ln1)
+            w += own(b.mlp.fc) + own(b.mlp.proj) + own(b.ln2)
+        w += own(self.value_head[0]) + own(self.value_head[2]) + own(self.value_head[3])
+        w += [self.action_embed.weight] if self.discrete else own(self.action_embed_linear)
+        w += own(self.dec_ln)
+        for b in self.dec_blocks:
+            sa, ca = b.self_attn, b.cross_attn
+            w += side_by_side(sa.query, sa.key, sa.value) + own(sa.proj) + own(b.ln1)
+            w += own(ca.query) + side_by_side(ca.key, ca.value) + own(ca.proj) + own(b.ln2)
+            w += own(b.mlp.fc) + own(b.mlp.proj) + own(b.ln3)
+        w += own(self.policy_head[0]) + own(self.policy_head[2]) + own(self.policy_head[3])
+        return w
 
     @torch.no_grad()
     def act(

@@ -343,8 +343,45 @@ FAST void attend(const float* q, const float* k, const float* v, int64_t L, int6
 
 // LayerNorm of R rows of width E: out = LN(x (+ r)) with weight w, bias b; out may be x or r. For the
 // training backward, xhat (R x E) and rstd (R) receive the normalised rows and 1/std when not null.
+// The same for E = 8 * NV with each row held in NV registers: one read of the row instead of three passes
+// over it (the sums are taken in the same order, so the results are the same bits).
+template <int NV>
+FAST void layer_norm_rows_held(const float* x, const float* r, const float* w, const float* b, int64_t R,
+                               float* out, float* xhat, float* rstd) {
+  constexpr int64_t E = 8 * NV;
+  const float eps = static_cast<float>(kLayerNormEps);
+  for (int64_t row = 0; row < R; ++row) {
+    __m256 v[NV];
+    __m256 acc = _mm256_setzero_ps();
+#pragma GCC unroll 16
+    for (int i = 0; i < NV; ++i) {
+      v[i] = _mm256_loadu_ps(x + row * E + 8 * i);
+      if (r != nullptr) v[i] = _mm256_add_ps(v[i], _mm256_loadu_ps(r + row * E + 8 * i));
+      acc = _mm256_add_ps(acc, v[i]);
+    }
+    const __m256 vmean = _mm256_set1_ps(hsum(acc) / static_cast<float>(E));
+    acc = _mm256_setzero_ps();
+#pragma GCC unroll 16
+    for (int i = 0; i < NV; ++i) {
+      v[i] = _mm256_sub_ps(v[i], vmean);
+      acc = _mm256_fmadd_ps(v[i], v[i], acc);
+    }
+    const float inv = 1.0f / std::sqrt(hsum(acc) / static_cast<float>(E) + eps);
+    const __m256 vinv = _mm256_set1_ps(inv);
+    if (rstd != nullptr) rstd[row] = inv;
+#pragma GCC unroll 16
+    for (int i = 0; i < NV; ++i) {
+      const __m256 c = _mm256_mul_ps(v[i], vinv);
+      if (xhat != nullptr) _mm256_storeu_ps(xhat + row * E + 8 * i, c);
+      _mm256_storeu_ps(out + row * E + 8 * i, _mm256_fmadd_ps(c, _mm256_loadu_ps(w + 8 * i), _mm256_loadu_ps(b + 8 * i)));
+    }
+  }
+}
+
 FAST void layer_norm_rows(const float* x, const float* r, const float* w, const float* b, int64_t R, int64_t E,
                           float* out, float* xhat = nullptr, float* rstd = nullptr) {
+  if (E == 64) return layer_norm_rows_held<8>(x, r, w, b, R, out, xhat, rstd);
+  if (E == 32) return layer_norm_rows_held<4>(x, r, w, b, R, out, xhat, rstd);
   const float eps = static_cast<float>(kLayerNormEps);
   for (int64_t row = 0; row < R; ++row) {
     const float* xr = x + row * E;
@@ -642,30 +679,127 @@ FAST inline void axpy(float a, const float* x, float* y, int64_t n) {  // y += a
   for (; d < n; ++d) y[d] += a * x[d];
 }
 
-FAST void attention_rows_forward(const float* q, const float* k, const float* v, float* out, float* probs,
-                                 int64_t L, int64_t H, int64_t D, bool causal, int64_t bh0, int64_t bh1) {
+// Row strides (floats between consecutive tokens) of the queries, the keys and values, and the outputs:
+// H * D for the (B, L, H, D) tensors below; the fused training pass (further down) reads q/k/v packed
+// side by side in wider rows.
+struct Strides {
+  int64_t q, kv, o;
+};
+
+// For head sizes D = 8 * NV the loops below hold a row's output (forward) or query gradient (backward)
+// in NV registers over the keys instead of reading and writing it once per key: the same operations in
+// the same order, so the same bits.
+template <int NV>
+FAST void attention_rows_forward_held(const float* q, const float* k, const float* v, float* out, float* probs,
+                                      int64_t L, int64_t H, bool causal, int64_t bh0, int64_t bh1, Strides st) {
+  constexpr int64_t D = 8 * NV;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const int64_t row = H * D;  // between consecutive tokens of one sample
   for (int64_t bh = bh0; bh < bh1; ++bh) {
-    const int64_t base = (bh / H) * L * row + (bh % H) * D;
+    const int64_t s = bh / H, hd = (bh % H) * D;
+    const float *qs = q + s * L * st.q + hd, *ks = k + s * L * st.kv + hd, *vs = v + s * L * st.kv + hd;
+    float* os = out + s * L * st.o + hd;
     float* p = probs + bh * L * L;
     for (int64_t i = 0; i < L; ++i) {
       const int64_t n = causal ? i + 1 : L;
-      const float* qi = q + base + i * row;
+      const float* qi = qs + i * st.q;
       float* pi = p + i * L;
       float max = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < n; ++j) {
-        pi[j] = dot(qi, k + base + j * row, D) * scale;
+        pi[j] = dot(qi, ks + j * st.kv, D) * scale;
         max = std::max(max, pi[j]);
       }
       float sum = 0.0f;
       for (int64_t j = 0; j < n; ++j) sum += (pi[j] = std::exp(pi[j] - max));
       const float inv = 1.0f / sum;
-      float* oi = out + base + i * row;
+      __m256 acc[NV];
+#pragma GCC unroll 8
+      for (int d = 0; d < NV; ++d) acc[d] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < n; ++j) {
+        pi[j] *= inv;
+        const __m256 w = _mm256_set1_ps(pi[j]);
+        const float* vj = vs + j * st.kv;
+#pragma GCC unroll 8
+        for (int d = 0; d < NV; ++d) acc[d] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vj + 8 * d), acc[d]);
+      }
+      float* oi = os + i * st.o;
+#pragma GCC unroll 8
+      for (int d = 0; d < NV; ++d) _mm256_storeu_ps(oi + 8 * d, acc[d]);
+      std::fill(pi + n, pi + L, 0.0f);
+    }
+  }
+}
+
+template <int NV>
+FAST void attention_rows_backward_held(const float* dout, const float* q, const float* k, const float* v,
+                                       const float* probs, float* dq, float* dk, float* dv, int64_t L, int64_t H,
+                                       bool causal, int64_t bh0, int64_t bh1, float* dp, Strides st) {
+  constexpr int64_t D = 8 * NV;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  for (int64_t bh = bh0; bh < bh1; ++bh) {
+    const int64_t s = bh / H, hd = (bh % H) * D, qo = s * L * st.q + hd, ko = s * L * st.kv + hd;
+    const float* p = probs + bh * L * L;
+    for (int64_t j = 0; j < L; ++j) {
+      std::fill(dk + ko + j * st.kv, dk + ko + j * st.kv + D, 0.0f);
+      std::fill(dv + ko + j * st.kv, dv + ko + j * st.kv + D, 0.0f);
+    }
+    for (int64_t i = 0; i < L; ++i) {
+      const int64_t n = causal ? i + 1 : L;
+      const float* doi = dout + s * L * st.o + hd + i * st.o;
+      const float* pi = p + i * L;
+      float weighted = 0.0f;
+      for (int64_t j = 0; j < n; ++j) {
+        dp[j] = dot(doi, v + ko + j * st.kv, D);
+        weighted += pi[j] * dp[j];
+        axpy(pi[j], doi, dv + ko + j * st.kv, D);
+      }
+      const float* qi = q + qo + i * st.q;
+      __m256 acc[NV];
+#pragma GCC unroll 8
+      for (int d = 0; d < NV; ++d) acc[d] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < n; ++j) {
+        const float ds = pi[j] * (dp[j] - weighted) * scale;
+        const __m256 w = _mm256_set1_ps(ds);
+        const float* kj = k + ko + j * st.kv;
+#pragma GCC unroll 8
+        for (int d = 0; d < NV; ++d) acc[d] = _mm256_fmadd_ps(w, _mm256_loadu_ps(kj + 8 * d), acc[d]);
+        axpy(ds, qi, dk + ko + j * st.kv, D);
+      }
+      float* dqi = dq + qo + i * st.q;
+#pragma GCC unroll 8
+      for (int d = 0; d < NV; ++d) _mm256_storeu_ps(dqi + 8 * d, acc[d]);
+    }
+  }
+}
+
+FAST void attention_rows_forward(const float* q, const float* k, const float* v, float* out, float* probs,
+                                 int64_t L, int64_t H, int64_t D, bool causal, int64_t bh0, int64_t bh1,
+                                 Strides st) {
+  if (D == 64) return attention_rows_forward_held<8>(q, k, v, out, probs, L, H, causal, bh0, bh1, st);
+  if (D == 32) return attention_rows_forward_held<4>(q, k, v, out, probs, L, H, causal, bh0, bh1, st);
+  if (D == 16) return attention_rows_forward_held<2>(q, k, v, out, probs, L, H, causal, bh0, bh1, st);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  for (int64_t bh = bh0; bh < bh1; ++bh) {
+    const int64_t s = bh / H, hd = (bh % H) * D;
+    const float *qs = q + s * L * st.q + hd, *ks = k + s * L * st.kv + hd, *vs = v + s * L * st.kv + hd;
+    float* os = out + s * L * st.o + hd;
+    float* p = probs + bh * L * L;
+    for (int64_t i = 0; i < L; ++i) {
+      const int64_t n = causal ? i + 1 : L;
+      const float* qi = qs + i * st.q;
+      float* pi = p + i * L;
+      float max = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < n; ++j) {
+        pi[j] = dot(qi, ks + j * st.kv, D) * scale;
+        max = std::max(max, pi[j]);
+      }
+      float sum = 0.0f;
+      for (int64_t j = 0; j < n; ++j) sum += (pi[j] = std::exp(pi[j] - max));
+      const float inv = 1.0f / sum;
+      float* oi = os + i * st.o;
       std::fill(oi, oi + D, 0.0f);
       for (int64_t j = 0; j < n; ++j) {
         pi[j] *= inv;
-        axpy(pi[j], v + base + j * row, oi, D);
+        axpy(pi[j], vs + j * st.kv, oi, D);
       }
       std::fill(pi + n, pi + L, 0.0f);
     }
@@ -676,33 +810,36 @@ FAST void attention_rows_forward(const float* q, const float* k, const float* v,
 // dq_i = scale sum_j ds_ij k_j;  dk_j = scale sum_i ds_ij q_i.  dp: scratch of L floats.
 FAST void attention_rows_backward(const float* dout, const float* q, const float* k, const float* v,
                                   const float* probs, float* dq, float* dk, float* dv, int64_t L, int64_t H,
-                                  int64_t D, bool causal, int64_t bh0, int64_t bh1, float* dp) {
+                                  int64_t D, bool causal, int64_t bh0, int64_t bh1, float* dp, Strides st) {
+  // dout has the outputs' stride, dq the queries', dk and dv the keys'.
+  if (D == 64) return attention_rows_backward_held<8>(dout, q, k, v, probs, dq, dk, dv, L, H, causal, bh0, bh1, dp, st);
+  if (D == 32) return attention_rows_backward_held<4>(dout, q, k, v, probs, dq, dk, dv, L, H, causal, bh0, bh1, dp, st);
+  if (D == 16) return attention_rows_backward_held<2>(dout, q, k, v, probs, dq, dk, dv, L, H, causal, bh0, bh1, dp, st);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const int64_t row = H * D;
   for (int64_t bh = bh0; bh < bh1; ++bh) {
-    const int64_t base = (bh / H) * L * row + (bh % H) * D;
+    const int64_t s = bh / H, hd = (bh % H) * D, qo = s * L * st.q + hd, ko = s * L * st.kv + hd;
     const float* p = probs + bh * L * L;
     for (int64_t j = 0; j < L; ++j) {
-      std::fill(dk + base + j * row, dk + base + j * row + D, 0.0f);
-      std::fill(dv + base + j * row, dv + base + j * row + D, 0.0f);
+      std::fill(dk + ko + j * st.kv, dk + ko + j * st.kv + D, 0.0f);
+      std::fill(dv + ko + j * st.kv, dv + ko + j * st.kv + D, 0.0f);
     }
     for (int64_t i = 0; i < L; ++i) {
       const int64_t n = causal ? i + 1 : L;
-      const float* doi = dout + base + i * row;
+      const float* doi = dout + s * L * st.o + hd + i * st.o;
       const float* pi = p + i * L;
       float weighted = 0.0f;
       for (int64_t j = 0; j < n; ++j) {
-        dp[j] = dot(doi, v + base + j * row, D);
+        dp[j] = dot(doi, v + ko + j * st.kv, D);
         weighted += pi[j] * dp[j];
-        axpy(pi[j], doi, dv + base + j * row, D);
+        axpy(pi[j], doi, dv + ko + j * st.kv, D);
       }
-      const float* qi = q + base + i * row;
-      float* dqi = dq + base + i * row;
+      const float* qi = q + qo + i * st.q;
+      float* dqi = dq + qo + i * st.q;
       std::fill(dqi, dqi + D, 0.0f);
       for (int64_t j = 0; j < n; ++j) {
         const float ds = pi[j] * (dp[j] - weighted) * scale;
-        axpy(ds, k + base + j * row, dqi, D);
-        axpy(ds, qi, dk + base + j * row, D);
+        axpy(ds, k + ko + j * st.kv, dqi, D);
+        axpy(ds, qi, dk + ko + j * st.kv, D);
       }
     }
   }
@@ -728,7 +865,7 @@ std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, c
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   float *op = out.data_ptr<float>(), *pp = probs.data_ptr<float>();
   at::parallel_for(0, B * H, 64, [&](int64_t bh0, int64_t bh1) {
-    attention_rows_forward(qp, kp, vp, op, pp, L, H, D, causal, bh0, bh1);
+    attention_rows_forward(qp, kp, vp, op, pp, L, H, D, causal, bh0, bh1, {H * D, H * D, H * D});
   });
   return {out, probs};
 }
@@ -743,7 +880,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& dout_in, con
     std::vector<float> dp(L);
     attention_rows_backward(dout.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
                             probs.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(),
-                            dv.data_ptr<float>(), L, H, D, causal, bh0, bh1, dp.data());
+                            dv.data_ptr<float>(), L, H, D, causal, bh0, bh1, dp.data(), {H * D, H * D, H * D});
   });
   return {dq, dk, dv};
 }
@@ -775,11 +912,13 @@ FAST void gelu_grad(const float* dy, const float* x, float* dx, int64_t n) {
 }
 
 // One chunk of rows of the LayerNorm backward: ds = rstd (g - mean(g) - xhat mean(g xhat)), g = dy w,
-// and this chunk's sums of dy xhat (dw) and dy (db), E floats each (zeroed here first).
+// and this chunk's sums of dy xhat (dw) and dy (db), E floats each (zeroed here first, unless `accumulate`).
 FAST void layer_norm_backward_rows(const float* dy, const float* xhat, const float* rstd, const float* w,
-                                   int64_t R, int64_t E, float* ds, float* dw, float* db) {
-  std::fill(dw, dw + E, 0.0f);
-  std::fill(db, db + E, 0.0f);
+                                   int64_t R, int64_t E, float* ds, float* dw, float* db, bool accumulate = false) {
+  if (!accumulate) {
+    std::fill(dw, dw + E, 0.0f);
+    std::fill(db, db + E, 0.0f);
+  }
   const float inv_e = 1.0f / static_cast<float>(E);
   for (int64_t row = 0; row < R; ++row) {
     const float *d = dy + row * E, *h = xhat + row * E;
@@ -884,6 +1023,605 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(const Tensor& dy_in, cons
   return {ds, sums[0].clone(), sums[1].clone()};
 }
 
+
+// ---- The whole training pass of MAT, fused (the PPO update; nn/mat.py `_TrainingPass`) ----
+// With autograd, one update at E = 64 runs ~750 ATen ops, and torch's matmuls at these shapes (rows x 64
+// @ 64 x 64) reach ~65% of what a register-blocked AVX2/FMA tile reaches on the same rows. Here the
+// encoder, the decoder and both heads run forward over chunks of ~128 token rows (whole samples, so
+// attention stays inside a chunk), keeping what the backward needs; the PPO loss is taken in Python
+// on the policy outputs and values (the PPO maths stays in one place, algos/ppo.py), and the backward
+// runs chunk by chunk again, every weight gradient summed into per-thread buffers that are added up
+// in thread order at the end. Post-LayerNorm blocks (the reference's), any N, heads, blocks, discrete
+// or continuous actions; float32 on an x86-64 CPU with AVX2 and FMA. The same maths as the autograd
+// pass, summed in another order (tests/test_mat_model.py compares outputs and every gradient).
+
+// C (M, O) = init + A @ Bt, for A(m, k) = A[m * sam + k * sak], Bt (K, O) with row stride ldb, C with row
+// stride ldc; init is C itself (acc), else bias (when given), else 0. Bt is a Linear's weight
+// transposed (forward), the weight itself (input gradient), or the layer's input rows with A the output
+// gradient read by columns (weight gradient: sam = 1, sak = the gradient's row stride).
+template <int V>
+FAST inline __m256 load_columns(const float* p, __m256i mask) {
+  return V == 0 ? _mm256_maskload_ps(p, mask) : _mm256_loadu_ps(p);
+}
+
+// V = 1 or 2 vectors of 8 columns; V = 0: the first `n` (< 8) columns, by masked loads and stores.
+template <int R, int V>
+FAST inline void mm_tile(const float* A, int64_t sam, int64_t sak, int64_t K, const float* Bt, int64_t ldb,
+                         const float* bias, bool acc, float* C, int64_t ldc, int64_t n = 8) {
+  // The loops over r are unrolled by pragma: GCC did not unroll them on its own and then kept the
+  // accumulators on the stack, storing them on every step of k (~40 against ~105 GFLOP/s, one core).
+  static_assert(V >= 0 && V <= 2, "0 (a masked tail), 8 or 16 columns");
+  alignas(32) static const float zeros[16] = {};
+  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const float* init = acc ? C : (bias != nullptr ? bias : zeros);
+  const int64_t init_ld = acc ? ldc : 0;
+  __m256 c0[R], c1[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    c0[r] = load_columns<V>(init + r * init_ld, mask);
+    c1[r] = V == 2 ? _mm256_loadu_ps(init + r * init_ld + 8) : c0[r];
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 b0 = load_columns<V>(Bt + k * ldb, mask);
+    const __m256 b1 = V == 2 ? _mm256_loadu_ps(Bt + k * ldb + 8) : b0;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 a = _mm256_broadcast_ss(A + r * sam + k * sak);
+      c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
+      if (V == 2) c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    if (V == 0) {
+      _mm256_maskstore_ps(C + r * ldc, mask, c0[r]);
+    } else {
+      _mm256_storeu_ps(C + r * ldc, c0[r]);
+    }
+    if (V == 2) _mm256_storeu_ps(C + r * ldc + 8, c1[r]);
+  }
+}
+
+// R rows of C across all O columns: 16 at a time, then 8, then a masked tail (the R rows of A and the
+// whole of Bt stay in the L1/L2 cache while the columns are swept).
+template <int R>
+FAST void mm_rows(const float* A, int64_t sam, int64_t sak, int64_t K, const float* Bt, int64_t ldb, int64_t O,
+                  const float* bias, bool acc, float* C, int64_t ldc) {
+  int64_t o = 0;
+  for (; o + 16 <= O; o += 16) mm_tile<R, 2>(A, sam, sak, K, Bt + o, ldb, bias == nullptr ? nullptr : bias + o, acc, C + o, ldc);
+  for (; o + 8 <= O; o += 8) mm_tile<R, 1>(A, sam, sak, K, Bt + o, ldb, bias == nullptr ? nullptr : bias + o, acc, C + o, ldc);
+  if (o < O) mm_tile<R, 0>(A, sam, sak, K, Bt + o, ldb, bias == nullptr ? nullptr : bias + o, acc, C + o, ldc, O - o);
+}
+
+FAST void mm(const float* A, int64_t sam, int64_t sak, int64_t M, int64_t K, const float* Bt, int64_t ldb, int64_t O,
+             const float* bias, bool acc, float* C, int64_t ldc) {
+  // 6 rows at a time, the rest in 4-, 2- and 1-row tiles (a 1-row tile waits on its 2 accumulators'
+  // FMA latency: ~1/4 of the rate, so 4 leftover rows, e.g. 64 = 10 * 6 + 4, go as one 4-row tile)
+  int64_t m = 0;
+  for (; m + 6 <= M; m += 6) mm_rows<6>(A + m * sam, sam, sak, K, Bt, ldb, O, bias, acc, C + m * ldc, ldc);
+  if (m + 4 <= M) mm_rows<4>(A + m * sam, sam, sak, K, Bt, ldb, O, bias, acc, C + m * ldc, ldc), m += 4;
+  if (m + 2 <= M) mm_rows<2>(A + m * sam, sam, sak, K, Bt, ldb, O, bias, acc, C + m * ldc, ldc), m += 2;
+  if (m < M) mm_rows<1>(A + m * sam, sam, sak, K, Bt, ldb, O, bias, acc, C + m * ldc, ldc);
+}
+
+// y = GELU(x) as gelu_to, and its slope GELU'(x) = Phi(x) + x phi(x) as gelu_grad computes it, from the
+// same erf and exponential: the backward then multiplies by the slope instead of evaluating erf again.
+// y may be x.
+FAST void gelu_and_slope(const float* x, float* y, float* slope, int64_t n) {
+  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f), s = _mm256_set1_ps(0.70710678118654752f);
+  const __m256 pdf0 = _mm256_set1_ps(0.39894228040143268f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    __m256 e;  // e^(-x^2 / 2), from inside erf
+    const __m256 c = _mm256_add_ps(one, erf8(_mm256_mul_ps(v, s), &e));
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(half, v), c));
+    _mm256_storeu_ps(slope + i, _mm256_fmadd_ps(v, _mm256_mul_ps(pdf0, e), _mm256_mul_ps(half, c)));
+  }
+  for (; i < n; ++i) {
+    const float v = x[i], c = 1.0f + std::erf(v * 0.70710678118654752f);
+    y[i] = 0.5f * v * c;
+    slope[i] = 0.5f * c + v * 0.39894228040143268f * std::exp(-0.5f * v * v);
+  }
+}
+
+FAST void mul_rows(const float* x, const float* y, float* out, int64_t n) {  // out = x * y over n floats
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) out[i] = x[i] * y[i];
+}
+
+// out (O) += column sums of y (R, O) with row stride ld, four vectors of columns at a time in registers.
+FAST void col_sums_acc(const float* y, int64_t ld, int64_t R, int64_t O, float* out) {
+  int64_t o = 0;
+  for (; o + 32 <= O; o += 32) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t r = 0; r < R; ++r) {
+      const float* row = y + r * ld + o;
+      a0 = _mm256_add_ps(a0, _mm256_loadu_ps(row));
+      a1 = _mm256_add_ps(a1, _mm256_loadu_ps(row + 8));
+      a2 = _mm256_add_ps(a2, _mm256_loadu_ps(row + 16));
+      a3 = _mm256_add_ps(a3, _mm256_loadu_ps(row + 24));
+    }
+    _mm256_storeu_ps(out + o, _mm256_add_ps(_mm256_loadu_ps(out + o), a0));
+    _mm256_storeu_ps(out + o + 8, _mm256_add_ps(_mm256_loadu_ps(out + o + 8), a1));
+    _mm256_storeu_ps(out + o + 16, _mm256_add_ps(_mm256_loadu_ps(out + o + 16), a2));
+    _mm256_storeu_ps(out + o + 24, _mm256_add_ps(_mm256_loadu_ps(out + o + 24), a3));
+  }
+  for (; o + 8 <= O; o += 8) {
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t r = 0; r < R; ++r) a = _mm256_add_ps(a, _mm256_loadu_ps(y + r * ld + o));
+    _mm256_storeu_ps(out + o, _mm256_add_ps(_mm256_loadu_ps(out + o), a));
+  }
+  for (; o < O; ++o) {
+    float a = 0.0f;
+    for (int64_t r = 0; r < R; ++r) a += y[r * ld + o];
+    out[o] += a;
+  }
+}
+
+// A Linear (weight (O, K), bias (O)) in the fused pass, and where its gradients sit in a gradient buffer.
+struct TLinear {
+  Tensor wt_t;  // (K, O) the weight transposed (forward only)
+  const float *w = nullptr, *wt = nullptr, *b = nullptr;
+  int64_t O = 0, K = 0, gw = 0, gb = 0;
+};
+
+struct TNorm {
+  const float *w = nullptr, *b = nullptr;
+  int64_t E = 0, gw = 0, gb = 0;
+};
+
+struct TEncBlock {
+  TLinear qkv, proj, fc, mproj;
+  TNorm ln1, ln2;
+};
+
+struct TDecBlock {
+  TLinear qkv, proj, cq, ckv, cproj, fc, mproj;
+  TNorm ln1, ln2, ln3;
+};
+
+struct TModel {
+  int64_t B = 0, N = 0, O = 0, E = 0, H = 0, D = 0, A = 0, P = 0;  // P: floats in all gradients
+  bool discrete = false;
+  TNorm ln_obs, enc_ln, v_ln, dec_ln, p_ln;
+  TLinear embed, v_fc, v_out, a_embed, p_fc, p_out;
+  const float* table = nullptr;  // discrete: (A + 1, E) action-token embedding
+  int64_t g_table = 0;
+  std::vector<TEncBlock> enc;
+  std::vector<TDecBlock> dec;
+  std::vector<std::vector<int64_t>> shapes;  // of every weight, in the order given
+  std::vector<int64_t> offsets;              // of every weight's gradient in a gradient buffer
+};
+
+// Reads the weights in the order of mat.py `_training_pass_weights`; with `transpose`, also the
+// transposed copies the forward multiplies by.
+TModel bind_model(const std::vector<Tensor>& ws, int64_t n_block, int64_t n_head, bool discrete, bool transpose) {
+  TModel m;
+  m.discrete = discrete;
+  size_t i = 0;
+  auto next = [&]() -> const Tensor& {
+    TORCH_CHECK(i < ws.size(), "training pass: too few weights (", ws.size(), ")");
+    const Tensor& t = ws[i++];
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+                "training pass: weights must be CPU float32 contiguous");
+    m.offsets.push_back(m.P);
+    m.shapes.push_back(t.sizes().vec());
+    m.P += t.numel();
+    return t;
+  };
+  auto linear = [&]() {
+    TLinear l;
+    const Tensor& w = next();
+    l.gw = m.offsets.back();
+    const Tensor& b = next();
+    l.gb = m.offsets.back();
+    l.O = w.size(0), l.K = w.size(1);
+    l.w = w.data_ptr<float>(), l.b = b.data_ptr<float>();
+    if (transpose) {
+      l.wt_t = w.t().contiguous();
+      l.wt = l.wt_t.data_ptr<float>();
+    }
+    return l;
+  };
+  auto norm = [&]() {
+    TNorm n;
+    const Tensor& w = next();
+    n.gw = m.offsets.back();
+    const Tensor& b = next();
+    n.gb = m.offsets.back();
+    n.w = w.data_ptr<float>(), n.b = b.data_ptr<float>(), n.E = w.numel();
+    return n;
+  };
+  m.ln_obs = norm();
+  m.embed = linear();
+  m.enc_ln = norm();
+  for (int64_t k = 0; k < n_block; ++k) {
+    TEncBlock e;
+    e.qkv = linear(), e.proj = linear(), e.ln1 = norm(), e.fc = linear(), e.mproj = linear(), e.ln2 = norm();
+    m.enc.push_back(std::move(e));
+  }
+  m.v_fc = linear(), m.v_ln = norm(), m.v_out = linear();
+  if (discrete) {
+    const Tensor& t = next();
+    m.table = t.data_ptr<float>(), m.g_table = m.offsets.back();
+  } else {
+    m.a_embed = linear();
+  }
+  m.dec_ln = norm();
+  for (int64_t k = 0; k < n_block; ++k) {
+    TDecBlock d;
+    d.qkv = linear(), d.proj = linear(), d.ln1 = norm(), d.cq = linear(), d.ckv = linear(), d.cproj = linear();
+    d.ln2 = norm(), d.fc = linear(), d.mproj = linear(), d.ln3 = norm();
+    m.dec.push_back(std::move(d));
+  }
+  m.p_fc = linear(), m.p_ln = norm(), m.p_out = linear();
+  TORCH_CHECK(i == ws.size(), "training pass: ", ws.size(), " weights given, ", i, " expected");
+  m.O = m.embed.K, m.E = m.embed.O, m.H = n_head, m.D = m.E / n_head, m.A = m.p_out.O;
+  TORCH_CHECK(m.E % n_head == 0 && m.v_out.O == 1, "training pass: unexpected weight shapes");
+  for (const auto& e : m.enc) TORCH_CHECK(e.qkv.O == 3 * m.E && e.fc.O == m.E, "training pass: block shapes");
+  for (const auto& d : m.dec) TORCH_CHECK(d.qkv.O == 3 * m.E && d.ckv.O == 2 * m.E, "training pass: block shapes");
+  return m;
+}
+
+// What the forward keeps for the backward: one (T, width) tensor per field (each GELU's slope, not its
+// input: see gelu_and_slope), T = B * N token rows
+// (attention weights: H * N per row, i.e. (B, H, N, N)). `field` hands out the next one, allocating it
+// in the forward and reading it back in the backward, so both walk the same list.
+struct TEncSaved {
+  float *qkv, *att, *probs, *hat1, *rstd1, *x1, *f_slope, *g, *hat2, *rstd2, *x2;
+};
+struct TDecSaved {
+  float *qkv, *att, *probs, *hat1, *rstd1, *y1, *cq, *ckv, *catt, *cprobs, *hat2, *rstd2, *y2, *f_slope, *g, *hat3,
+      *rstd3, *y3;
+};
+struct TSaved {
+  float *obs_hat, *e_slope, *enc_hat, *enc_rstd, *x0;
+  std::vector<TEncSaved> enc;
+  float *v_slope, *v_hat, *v_rstd, *lnv, *t_slope, *dec_hat, *dec_rstd, *y0;
+  std::vector<TDecSaved> dec;
+  float *p_slope, *p_hat, *p_rstd, *lnp;
+};
+
+TSaved bind_saved(const TModel& m, int64_t T, std::vector<Tensor>& ts, bool allocate) {
+  size_t i = 0;
+  const int64_t E = m.E, HN = m.H * m.N;
+  auto field = [&](int64_t width) -> float* {
+    if (allocate) ts.push_back(at::empty({T, width}, at::kFloat));
+    TORCH_CHECK(i < ts.size() && ts[i].numel() == T * width, "training pass: saved tensors do not match");
+    return ts[i++].data_ptr<float>();
+  };
+  TSaved s;
+  s.obs_hat = field(m.O), s.e_slope = field(E), s.enc_hat = field(E), s.enc_rstd = field(1), s.x0 = field(E);
+  for (size_t k = 0; k < m.enc.size(); ++k) {
+    TEncSaved e;
+    e.qkv = field(3 * E), e.att = field(E), e.probs = field(HN), e.hat1 = field(E), e.rstd1 = field(1);
+    e.x1 = field(E), e.f_slope = field(E), e.g = field(E), e.hat2 = field(E), e.rstd2 = field(1), e.x2 = field(E);
+    s.enc.push_back(e);
+  }
+  s.v_slope = field(E), s.v_hat = field(E), s.v_rstd = field(1), s.lnv = field(E);
+  s.t_slope = field(E), s.dec_hat = field(E), s.dec_rstd = field(1), s.y0 = field(E);
+  for (size_t k = 0; k < m.dec.size(); ++k) {
+    TDecSaved d;
+    d.qkv = field(3 * E), d.att = field(E), d.probs = field(HN), d.hat1 = field(E), d.rstd1 = field(1);
+    d.y1 = field(E), d.cq = field(E), d.ckv = field(2 * E), d.catt = field(E), d.cprobs = field(HN);
+    d.hat2 = field(E), d.rstd2 = field(1), d.y2 = field(E), d.f_slope = field(E), d.g = field(E), d.hat3 = field(E);
+    d.rstd3 = field(1), d.y3 = field(E);
+    s.dec.push_back(d);
+  }
+  s.p_slope = field(E), s.p_hat = field(E), s.p_rstd = field(1), s.lnp = field(E);
+  return s;
+}
+
+// Whole samples per chunk: ~128 token rows, so a chunk's activations stay in the CPU's caches.
+int64_t samples_per_chunk(int64_t N) { return std::max<int64_t>(1, (128 + N - 1) / N); }
+
+// y (R, l.O) = l(x (R, l.K)), row strides ldx and ldy.
+FAST inline void t_forward(const TLinear& l, const float* x, int64_t ldx, int64_t R, float* y, int64_t ldy) {
+  mm(x, ldx, 1, R, l.K, l.wt, l.O, l.O, l.b, false, y, ldy);
+}
+
+// dx (R, l.K) (+)= dy (R, l.O) @ W.
+FAST inline void t_input_grad(const TLinear& l, const float* dy, int64_t ldy, int64_t R, bool acc, float* dx,
+                              int64_t ldx) {
+  mm(dy, ldy, 1, R, l.O, l.w, l.K, l.K, nullptr, acc, dx, ldx);
+}
+
+// G[weight] += dy^T x, G[bias] += column sums of dy.
+FAST inline void t_weight_grad(const TLinear& l, const float* dy, int64_t ldy, const float* x, int64_t ldx, int64_t R,
+                               float* G) {
+  mm(dy, 1, ldy, l.O, R, x, ldx, l.K, nullptr, true, G + l.gw, l.K);
+  col_sums_acc(dy, ldy, R, l.O, G + l.gb);
+}
+
+// ds = LayerNorm backward of dy; G[weight], G[bias] accumulate.
+FAST inline void t_norm_grad(const TNorm& n, const float* dy, const float* hat, const float* rstd, int64_t R, float* ds,
+                             float* G) {
+  layer_norm_backward_rows(dy, hat, rstd, n.w, R, n.E, ds, G + n.gw, G + n.gb, true);
+}
+
+// Forward of samples [s0, s1): writes the policy outputs (B, N, A), the values (B, N) and the saved fields.
+// tmp: scratch of R * E floats, h0: of R * O (R = the chunk's token rows).
+FAST void training_forward_chunk(const TModel& m, const TSaved& s, const float* obs, const int64_t* tokens,
+                                 const float* prev, float* out, float* value, int64_t s0, int64_t s1, float* tmp,
+                                 float* h0) {
+  const int64_t N = m.N, E = m.E, O = m.O, A = m.A, H = m.H, D = m.D, t0 = s0 * N, R = (s1 - s0) * N;
+  const int64_t bh = (s1 - s0) * H, HN = H * N;
+  auto at = [t0](float* base, int64_t width) { return base + t0 * width; };
+  // encoder input: LayerNorm -> Linear -> GELU -> LayerNorm (the observation LayerNorm's 1/std is not kept:
+  // the backward needs only its normalised rows, see training_backward)
+  layer_norm_rows(obs + t0 * O, nullptr, m.ln_obs.w, m.ln_obs.b, R, O, h0, at(s.obs_hat, O), tmp);
+  t_forward(m.embed, h0, O, R, tmp, E);
+  gelu_and_slope(tmp, tmp, at(s.e_slope, E), R * E);
+  float* x = at(s.x0, E);
+  layer_norm_rows(tmp, nullptr, m.enc_ln.w, m.enc_ln.b, R, E, x, at(s.enc_hat, E), at(s.enc_rstd, 1));
+  for (size_t k = 0; k < m.enc.size(); ++k) {
+    const TEncBlock& b = m.enc[k];
+    const TEncSaved& e = s.enc[k];
+    float *qkv = at(e.qkv, 3 * E), *att = at(e.att, E), *x1 = at(e.x1, E), *g = at(e.g, E);
+    t_forward(b.qkv, x, E, R, qkv, 3 * E);
+    attention_rows_forward(qkv, qkv + E, qkv + 2 * E, att, at(e.probs, HN), N, H, D, false, 0, bh, {3 * E, 3 * E, E});
+    t_forward(b.proj, att, E, R, tmp, E);
+    layer_norm_rows(x, tmp, b.ln1.w, b.ln1.b, R, E, x1, at(e.hat1, E), at(e.rstd1, 1));
+    t_forward(b.fc, x1, E, R, g, E);
+    gelu_and_slope(g, g, at(e.f_slope, E), R * E);
+    t_forward(b.mproj, g, E, R, tmp, E);
+    x = at(e.x2, E);
+    layer_norm_rows(x1, tmp, b.ln2.w, b.ln2.b, R, E, x, at(e.hat2, E), at(e.rstd2, 1));
+  }
+  const float* rep = x;
+  // value head: Linear -> GELU -> LayerNorm -> Linear
+  float* lnv = at(s.lnv, E);
+  t_forward(m.v_fc, rep, E, R, tmp, E);
+  gelu_and_slope(tmp, tmp, at(s.v_slope, E), R * E);
+  layer_norm_rows(tmp, nullptr, m.v_ln.w, m.v_ln.b, R, E, lnv, at(s.v_hat, E), at(s.v_rstd, 1));
+  t_forward(m.v_out, lnv, E, R, value + t0, 1);
+  // decoder input: the start token and the previous agents' actions, embedded -> GELU -> LayerNorm
+  if (m.discrete) {
+    for (int64_t r = 0; r < R; ++r) std::memcpy(tmp + r * E, m.table + tokens[t0 + r] * E, sizeof(float) * E);
+  } else {
+    t_forward(m.a_embed, prev + t0 * A, A, R, tmp, E);
+  }
+  gelu_and_slope(tmp, tmp, at(s.t_slope, E), R * E);
+  float* y = at(s.y0, E);
+  layer_norm_rows(tmp, nullptr, m.dec_ln.w, m.dec_ln.b, R, E, y, at(s.dec_hat, E), at(s.dec_rstd, 1));
+  for (size_t k = 0; k < m.dec.size(); ++k) {
+    const TDecBlock& b = m.dec[k];
+    const TDecSaved& d = s.dec[k];
+    float *qkv = at(d.qkv, 3 * E), *att = at(d.att, E), *y1 = at(d.y1, E), *cq = at(d.cq, E);
+    float *ckv = at(d.ckv, 2 * E), *catt = at(d.catt, E), *y2 = at(d.y2, E), *g = at(d.g, E);
+    t_forward(b.qkv, y, E, R, qkv, 3 * E);
+    attention_rows_forward(qkv, qkv + E, qkv + 2 * E, att, at(d.probs, HN), N, H, D, true, 0, bh, {3 * E, 3 * E, E});
+    t_forward(b.proj, att, E, R, tmp, E);
+    layer_norm_rows(y, tmp, b.ln1.w, b.ln1.b, R, E, y1, at(d.hat1, E), at(d.rstd1, 1));
+    t_forward(b.cq, rep, E, R, cq, E);
+    t_forward(b.ckv, y1, E, R, ckv, 2 * E);
+    attention_rows_forward(cq, ckv, ckv + E, catt, at(d.cprobs, HN), N, H, D, true, 0, bh, {E, 2 * E, E});
+    t_forward(b.cproj, catt, E, R, tmp, E);
+    layer_norm_rows(rep, tmp, b.ln2.w, b.ln2.b, R, E, y2, at(d.hat2, E), at(d.rstd2, 1));
+    t_forward(b.fc, y2, E, R, g, E);
+    gelu_and_slope(g, g, at(d.f_slope, E), R * E);
+    t_forward(b.mproj, g, E, R, tmp, E);
+    y = at(d.y3, E);
+    layer_norm_rows(y2, tmp, b.ln3.w, b.ln3.b, R, E, y, at(d.hat3, E), at(d.rstd3, 1));
+  }
+  // policy head: Linear -> GELU -> LayerNorm -> Linear
+  float* lnp = at(s.lnp, E);
+  t_forward(m.p_fc, y, E, R, tmp, E);
+  gelu_and_slope(tmp, tmp, at(s.p_slope, E), R * E);
+  layer_norm_rows(tmp, nullptr, m.p_ln.w, m.p_ln.b, R, E, lnp, at(s.p_hat, E), at(s.p_rstd, 1));
+  t_forward(m.p_out, lnp, E, R, out + t0 * A, A);
+}
+
+// Backward of samples [s0, s1) from the gradients of the outputs and values; weight gradients into G.
+// work: 8 * R * E floats of scratch.
+FAST void training_backward_chunk(const TModel& m, const TSaved& s, const int64_t* tokens, const float* prev,
+                                  const float* dout, const float* dvalue, int64_t s0, int64_t s1, float* G,
+                                  float* work) {
+  const int64_t N = m.N, E = m.E, O = m.O, A = m.A, H = m.H, D = m.D, t0 = s0 * N, R = (s1 - s0) * N;
+  const int64_t bh = (s1 - s0) * H, HN = H * N;
+  auto at = [t0](float* base, int64_t width) { return base + t0 * width; };
+  float *dy = work, *ds = dy + R * E, *tmp = ds + R * E, *drep = tmp + R * E, *wide = drep + R * E;  // wide: 3E
+  float* dpart = wide + 3 * R * E;  // R * E
+  std::vector<float> dp(static_cast<size_t>(N) + 8);
+  // policy head
+  const float* dout_c = dout + t0 * A;
+  const float* y_last = m.dec.empty() ? at(s.y0, E) : at(s.dec.back().y3, E);
+  t_weight_grad(m.p_out, dout_c, A, at(s.lnp, E), E, R, G);
+  t_input_grad(m.p_out, dout_c, A, R, false, tmp, E);
+  t_norm_grad(m.p_ln, tmp, at(s.p_hat, E), at(s.p_rstd, 1), R, ds, G);
+  mul_rows(ds, at(s.p_slope, E), ds, R * E);
+  t_weight_grad(m.p_fc, ds, E, y_last, E, R, G);
+  t_input_grad(m.p_fc, ds, E, R, false, dy, E);
+  // decoder blocks, last first; every block's cross attention and the value head add to drep
+  std::fill(drep, drep + R * E, 0.0f);
+  const float* rep = m.enc.empty() ? at(s.x0, E) : at(s.enc.back().x2, E);
+  for (size_t k = m.dec.size(); k-- > 0;) {
+    const TDecBlock& b = m.dec[k];
+    const TDecSaved& d = s.dec[k];
+    const float* y_in = k == 0 ? at(s.y0, E) : at(s.dec[k - 1].y3, E);
+    const float *y1 = at(d.y1, E), *y2 = at(d.y2, E), *cq = at(d.cq, E), *ckv = at(d.ckv, 2 * E);
+    const float *qkv = at(d.qkv, 3 * E);
+    // y3 = LN3(y2 + mlp(y2))
+    t_norm_grad(b.ln3, dy, at(d.hat3, E), at(d.rstd3, 1), R, ds, G);
+    t_weight_grad(b.mproj, ds, E, at(d.g, E), E, R, G);
+    t_input_grad(b.mproj, ds, E, R, false, tmp, E);
+    mul_rows(tmp, at(d.f_slope, E), tmp, R * E);
+    t_weight_grad(b.fc, tmp, E, y2, E, R, G);
+    t_input_grad(b.fc, tmp, E, R, true, ds, E);  // ds: d y2
+    // y2 = LN2(rep + cross_proj(attention(q = cq(rep), k, v = ckv(y1))))
+    t_norm_grad(b.ln2, ds, at(d.hat2, E), at(d.rstd2, 1), R, dy, G);
+    add_rows(drep, dy, R * E);
+    t_weight_grad(b.cproj, dy, E, at(d.catt, E), E, R, G);
+    t_input_grad(b.cproj, dy, E, R, false, tmp, E);
+    attention_rows_backward(tmp, cq, ckv, ckv + E, at(d.cprobs, HN), dpart, wide, wide + E, N, H, D, true, 0, bh,
+                            dp.data(), {E, 2 * E, E});
+    t_weight_grad(b.cq, dpart, E, rep, E, R, G);
+    t_input_grad(b.cq, dpart, E, R, true, drep, E);
+    t_weight_grad(b.ckv, wide, 2 * E, y1, E, R, G);
+    t_input_grad(b.ckv, wide, 2 * E, R, false, dy, E);  // dy: d y1
+    // y1 = LN1(y_in + proj(causal self-attention(qkv(y_in))))
+    t_norm_grad(b.ln1, dy, at(d.hat1, E), at(d.rstd1, 1), R, ds, G);
+    t_weight_grad(b.proj, ds, E, at(d.att, E), E, R, G);
+    t_input_grad(b.proj, ds, E, R, false, tmp, E);
+    attention_rows_backward(tmp, qkv, qkv + E, qkv + 2 * E, at(d.probs, HN), wide, wide + E, wide + 2 * E, N, H, D,
+                            true, 0, bh, dp.data(), {3 * E, 3 * E, E});
+    t_weight_grad(b.qkv, wide, 3 * E, y_in, E, R, G);
+    t_input_grad(b.qkv, wide, 3 * E, R, true, ds, E);  // ds: d y_in
+    std::swap(dy, ds);
+  }
+  // decoder input: LN(GELU(token embedding))
+  t_norm_grad(m.dec_ln, dy, at(s.dec_hat, E), at(s.dec_rstd, 1), R, ds, G);
+  mul_rows(ds, at(s.t_slope, E), ds, R * E);
+  if (m.discrete) {
+    for (int64_t r = 0; r < R; ++r) add_rows(G + m.g_table + tokens[t0 + r] * E, ds + r * E, E);
+  } else {
+    t_weight_grad(m.a_embed, ds, E, prev + t0 * A, A, R, G);
+  }
+  // value head
+  const float* dv = dvalue + t0;
+  t_weight_grad(m.v_out, dv, 1, at(s.lnv, E), E, R, G);
+  t_input_grad(m.v_out, dv, 1, R, false, tmp, E);
+  t_norm_grad(m.v_ln, tmp, at(s.v_hat, E), at(s.v_rstd, 1), R, ds, G);
+  mul_rows(ds, at(s.v_slope, E), ds, R * E);
+  t_weight_grad(m.v_fc, ds, E, rep, E, R, G);
+  t_input_grad(m.v_fc, ds, E, R, true, drep, E);
+  // encoder blocks, last first
+  dy = drep;
+  for (size_t k = m.enc.size(); k-- > 0;) {
+    const TEncBlock& b = m.enc[k];
+    const TEncSaved& e = s.enc[k];
+    const float* x_in = k == 0 ? at(s.x0, E) : at(s.enc[k - 1].x2, E);
+    const float *x1 = at(e.x1, E), *qkv = at(e.qkv, 3 * E);
+    float* next = dy == drep ? dpart : drep;
+    // x2 = LN2(x1 + mlp(x1))
+    t_norm_grad(b.ln2, dy, at(e.hat2, E), at(e.rstd2, 1), R, ds, G);
+    t_weight_grad(b.mproj, ds, E, at(e.g, E), E, R, G);
+    t_input_grad(b.mproj, ds, E, R, false, tmp, E);
+    mul_rows(tmp, at(e.f_slope, E), tmp, R * E);
+    t_weight_grad(b.fc, tmp, E, x1, E, R, G);
+    t_input_grad(b.fc, tmp, E, R, true, ds, E);  // ds: d x1
+    // x1 = LN1(x_in + proj(attention(qkv(x_in))))
+    t_norm_grad(b.ln1, ds, at(e.hat1, E), at(e.rstd1, 1), R, next, G);
+    t_weight_grad(b.proj, next, E, at(e.att, E), E, R, G);
+    t_input_grad(b.proj, next, E, R, false, tmp, E);
+    attention_rows_backward(tmp, qkv, qkv + E, qkv + 2 * E, at(e.probs, HN), wide, wide + E, wide + 2 * E, N, H, D,
+                            false, 0, bh, dp.data(), {3 * E, 3 * E, E});
+    t_weight_grad(b.qkv, wide, 3 * E, x_in, E, R, G);
+    t_input_grad(b.qkv, wide, 3 * E, R, true, next, E);  // next: d x_in
+    dy = next;
+  }
+  // encoder input: LN(GELU(Linear(h0 = LN(obs)))). Into the embedding's weight slot goes ds^T obs_hat, not
+  // ds^T h0; training_backward turns it into the gradients of the embedding and of the observation
+  // LayerNorm at the end (embedding_grads), so no input gradient (R x O) is formed here.
+  t_norm_grad(m.enc_ln, dy, at(s.enc_hat, E), at(s.enc_rstd, 1), R, ds, G);
+  mul_rows(ds, at(s.e_slope, E), ds, R * E);
+  t_weight_grad(m.embed, ds, E, at(s.obs_hat, O), O, R, G);
+}
+
+// With h0 = obs_hat * w0 + b0 (the observation LayerNorm), ds the gradient of the embedding's output,
+// M = sum ds^T obs_hat (E, O) and c = sum ds (E), summed over every row:
+//   d embedding weight = M * w0 (per column) + c b0^T,   d w0 = sum_e W * M,   d b0 = c^T W.
+// On entry M and c sit in the embedding's weight and bias slots of G, the LayerNorm's slots are zero.
+void embedding_grads(const TModel& m, float* G) {
+  const int64_t E = m.E, O = m.O;
+  float *M = G + m.embed.gw, *c = G + m.embed.gb, *dw0 = G + m.ln_obs.gw, *db0 = G + m.ln_obs.gb;
+  const float *W = m.embed.w, *w0 = m.ln_obs.w, *b0 = m.ln_obs.b;
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t o = 0; o < O; ++o) {
+      dw0[o] += W[e * O + o] * M[e * O + o];
+      db0[o] += W[e * O + o] * c[e];
+      M[e * O + o] = M[e * O + o] * w0[o] + c[e] * b0[o];
+    }
+  }
+}
+
+void check_training_inputs(const Tensor& obs, const Tensor& dec_in, bool discrete) {
+  TORCH_CHECK(supported(), "training pass: needs a CPU with AVX2 and FMA");
+  TORCH_CHECK(obs.device().is_cpu() && obs.scalar_type() == at::kFloat && obs.dim() == 3,
+              "training pass: obs must be (B, N, O) CPU float32");
+  if (discrete) {
+    TORCH_CHECK(dec_in.scalar_type() == at::kLong && dec_in.dim() == 2, "training pass: tokens must be (B, N) int64");
+  } else {
+    TORCH_CHECK(dec_in.scalar_type() == at::kFloat && dec_in.dim() == 3, "training pass: prev must be (B, N, A)");
+  }
+  TORCH_CHECK(dec_in.size(0) == obs.size(0) && dec_in.size(1) == obs.size(1), "training pass: batch shapes differ");
+}
+
+// obs (B, N, O); dec_in: discrete (B, N) int64 token rows of the action embedding (0 = start, a + 1 =
+// action a), continuous (B, N, A) the previous agent's action (zeros for the first). Returns policy
+// outputs (B, N, A), values (B, N) and the saved fields for training_backward.
+std::tuple<Tensor, Tensor, std::vector<Tensor>> training_forward(const Tensor& obs_in, const Tensor& dec_in_t,
+                                                                 const std::vector<Tensor>& weights, int64_t n_block,
+                                                                 int64_t n_head) {
+  const bool discrete = dec_in_t.scalar_type() == at::kLong;
+  const Tensor obs = obs_in.contiguous(), dec_in = dec_in_t.contiguous();
+  check_training_inputs(obs, dec_in, discrete);
+  TModel m = bind_model(weights, n_block, n_head, discrete, true);
+  m.B = obs.size(0), m.N = obs.size(1);
+  TORCH_CHECK(obs.size(2) == m.O, "training pass: obs width ", obs.size(2), " but the embedding takes ", m.O);
+  if (discrete) {
+    const int64_t lo = dec_in.min().item<int64_t>(), hi = dec_in.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi <= m.A, "training pass: token rows must lie in [0, ", m.A, "]");
+  } else {
+    TORCH_CHECK(dec_in.size(2) == m.A, "training pass: previous actions must have width ", m.A);
+  }
+  const int64_t T = m.B * m.N, S = samples_per_chunk(m.N), chunks = (m.B + S - 1) / S;
+  std::vector<Tensor> saved;
+  const TSaved s = bind_saved(m, T, saved, true);
+  Tensor out = at::empty({m.B, m.N, m.A}, obs.options()), value = at::empty({m.B, m.N}, obs.options());
+  const float* op = obs.data_ptr<float>();
+  const int64_t* tokens = discrete ? dec_in.data_ptr<int64_t>() : nullptr;
+  const float* prev = discrete ? nullptr : dec_in.data_ptr<float>();
+  float *outp = out.data_ptr<float>(), *valp = value.data_ptr<float>();
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> tmp(static_cast<size_t>(S * m.N * (m.E + m.O)));
+    for (int64_t c = c0; c < c1; ++c) {
+      training_forward_chunk(m, s, op, tokens, prev, outp, valp, c * S, std::min(m.B, (c + 1) * S), tmp.data(),
+                             tmp.data() + S * m.N * m.E);
+    }
+  });
+  return {out, value, saved};
+}
+
+// Gradients of every weight (same order and shapes as given) from those of the outputs and values.
+std::vector<Tensor> training_backward(const Tensor& dout_in, const Tensor& dvalue_in, std::vector<Tensor> saved,
+                                      const Tensor& dec_in_t, const std::vector<Tensor>& weights, int64_t n_block,
+                                      int64_t n_head) {
+  const bool discrete = dec_in_t.scalar_type() == at::kLong;
+  const Tensor dout = dout_in.contiguous(), dvalue = dvalue_in.contiguous(), dec_in = dec_in_t.contiguous();
+  TModel m = bind_model(weights, n_block, n_head, discrete, false);
+  m.B = dout.size(0), m.N = dout.size(1);
+  TORCH_CHECK(dout.sizes() == at::IntArrayRef({m.B, m.N, m.A}) && dvalue.numel() == m.B * m.N,
+              "training pass: gradient shapes differ from the outputs'");
+  const int64_t T = m.B * m.N, S = samples_per_chunk(m.N), chunks = (m.B + S - 1) / S;
+  const TSaved s = bind_saved(m, T, saved, false);
+  const int64_t threads = at::get_num_threads();
+  Tensor grads = at::zeros({threads, m.P}, dout.options());
+  const int64_t* tokens = discrete ? dec_in.data_ptr<int64_t>() : nullptr;
+  const float* prev = discrete ? nullptr : dec_in.data_ptr<float>();
+  const float *dop = dout.data_ptr<float>(), *dvp = dvalue.data_ptr<float>();
+  float* gp = grads.data_ptr<float>();
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t R = S * m.N;
+    std::vector<float> work(static_cast<size_t>(8 * R * m.E));
+    float* G = gp + std::min<int64_t>(at::get_thread_num(), threads - 1) * m.P;
+    for (int64_t c = c0; c < c1; ++c) {
+      training_backward_chunk(m, s, tokens, prev, dop, dvp, c * S, std::min(m.B, (c + 1) * S), G, work.data());
+    }
+  });
+  const Tensor total = threads == 1 ? grads[0] : grads.sum(0);  // thread by thread, in order
+  embedding_grads(m, total.data_ptr<float>());
+  std::vector<Tensor> result;
+  for (size_t i = 0; i < m.shapes.size(); ++i) {
+    int64_t n = 1;
+    for (int64_t d : m.shapes[i]) n *= d;
+    result.push_back(total.narrow(0, m.offsets[i], n).view(m.shapes[i]));
+  }
+  return result;
+}
+
 #else
 
 bool supported() { return false; }
@@ -899,6 +1637,14 @@ std::tuple<Tensor, Tensor> attention_forward(const Tensor&, const Tensor&, const
 std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                       const Tensor&, bool) {
   TORCH_CHECK(false, "attention: needs an x86-64 build");
+}
+std::tuple<Tensor, Tensor, std::vector<Tensor>> training_forward(const Tensor&, const Tensor&,
+                                                                 const std::vector<Tensor>&, int64_t, int64_t) {
+  TORCH_CHECK(false, "training pass: needs an x86-64 build");
+}
+std::vector<Tensor> training_backward(const Tensor&, const Tensor&, std::vector<Tensor>, const Tensor&,
+                                      const std::vector<Tensor>&, int64_t, int64_t) {
+  TORCH_CHECK(false, "training pass: needs an x86-64 build");
 }
 Tensor gelu_forward(const Tensor&) { TORCH_CHECK(false, "gelu: needs an x86-64 build"); }
 Tensor gelu_backward(const Tensor&, const Tensor&) { TORCH_CHECK(false, "gelu: needs an x86-64 build"); }
@@ -1008,4 +1754,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_layer_norm_forward", &fast::add_layer_norm_forward,
         "training LayerNorm(x (+ r)) over the last dim: x, r or None, w, b, keep -> y, xhat, rstd");
   m.def("layer_norm_backward", &fast::layer_norm_backward, "its backward: dy, xhat, rstd, w -> d(x + r), dw, db");
+  m.def("training_forward", &fast::training_forward,
+        "MAT's whole forward for the update: obs, tokens or previous actions, weights, n_block, n_head -> "
+        "policy outputs, values, saved");
+  m.def("training_backward", &fast::training_backward,
+        "its backward: d outputs, d values, saved, tokens or previous actions, weights, n_block, n_head -> "
+        "the weights' gradients");
 }
