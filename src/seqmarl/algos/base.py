@@ -154,14 +154,20 @@ class PPOAlgorithm:
         for _ in range(ppo.epochs):
             permutation = torch.randperm(B, generator=generator).to(self.device)
             for start in range(0, B - minibatch_size + 1, minibatch_size):
-                idx = permutation[start : start + minibatch_size]
-                mb = batch.index(idx)
+                if minibatch_size == B:
+                    # One minibatch: the whole batch as it is. Shuffling it would only reorder the sums
+                    # (the permutation is still drawn, so the generator's stream is the same either way).
+                    mb, mb_advantages, mb_targets = batch, advantages, targets
+                else:
+                    idx = permutation[start : start + minibatch_size]
+                    mb = batch.index(idx)
+                    mb_advantages, mb_targets = advantages.index_select(0, idx), targets.index_select(0, idx)
                 out = self._evaluate(mb)
                 mask = mb.alive
                 policy_loss, diagnostics = ppo_losses.clipped_surrogate(
-                    out.log_prob, mb.log_prob, advantages.index_select(0, idx), ppo.clip, mask
+                    out.log_prob, mb.log_prob, mb_advantages, ppo.clip, mask
                 )
-                value_loss = self._value_loss(out.value, mb.values, targets.index_select(0, idx), mask)
+                value_loss = self._value_loss(out.value, mb.values, mb_targets, mask)
                 entropy = ppo_losses.masked_mean(out.entropy, mask)
                 loss = policy_loss + ppo.value_coef * value_loss - ppo.entropy_coef * entropy
 
