@@ -472,6 +472,7 @@ PASS_CASES = {
     "continuous": (ContinuousActions(3, (-1.0,) * 3, (1.0,) * 3), MATConfig(), 5),
     "deep-heads": (DiscreteActions(4), MATConfig(n_embd=32, n_head=4, n_block=2), 9),
     "one-agent": (DiscreteActions(5), MATConfig(n_embd=16), 1),
+    "odd-width": (DiscreteActions(6), MATConfig(n_embd=36, n_head=3), 4),  # E and D = 12 off the vector width
 }
 
 
@@ -489,8 +490,8 @@ def test_whole_training_pass_matches_the_per_layer_pass(case, monkeypatch):
     """MAT's forward and backward for the update as one C++ pass (nn/mat.py `_TrainingPass`): the
     log-probs, entropies, values and the gradient of every parameter are about as close to a float64
     per-layer pass as the float32 per-layer pass is (float32 summation-order noise). Discrete and
-    continuous actions, several heads and blocks, one agent, an observation width (11) and action widths
-    off the vector width."""
+    continuous actions, several heads and blocks, one agent, and widths off the vector width (the
+    observation's 11, the actions', and E = 36 with heads of 12)."""
     space, config, N = PASS_CASES[case]
     model, obs, mask = make("", "", N=N, B=40, space=space, config=config)
     if not cpp_decode.extension("cpp").fused_available():
@@ -512,7 +513,7 @@ def test_whole_training_pass_matches_the_per_layer_pass(case, monkeypatch):
     ours, torchs = run(True, torch.float32), run(False, torch.float32)
     # Both passes sum each weight gradient over the batch's rows and its branches in different orders
     # (the C++ pass row by row within chunks of ~128 rows, then chunk by chunk). Over 24 draws (6 seeds x
-    # these cases) its float32 error was at most 4.4x torch's, on a draw where torch's own error was
+    # the first four cases) its float32 error was at most 4.4x torch's, on a draw where torch's own error was
     # 2e-5 relative; a wrong gradient is off by O(1) relative. Gradients that are zero in exact
     # arithmetic (the key biases: softmax ignores a constant added to every score) are rounding noise in
     # both passes, measured against 1% of the largest gradient entry.
@@ -527,8 +528,8 @@ def test_whole_training_pass_matches_the_per_layer_pass(case, monkeypatch):
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the C++ decode step cannot be built here")
 def test_whole_training_pass_gives_the_same_bits_every_time_and_its_domain():
     """Two passes over the same batch give identical gradients (per-thread gradient buffers are added in
-    thread order); pre-LayerNorm models, float64, mode python and the switch off take the per-layer
-    pass; a token row outside the embedding table is refused."""
+    thread order); pre-LayerNorm models, float64 and mode python take the per-layer pass; a weight
+    changed in place before the backward and a token row outside the embedding table are refused."""
     model, obs, mask = make("discrete", "reference", N=4, B=300)
     if not cpp_decode.extension("cpp").fused_available():
         pytest.skip("this CPU has no AVX2/FMA")
@@ -542,6 +543,11 @@ def test_whole_training_pass_gives_the_same_bits_every_time_and_its_domain():
     prenorm, obs2, mask2 = make("discrete", "deep-prenorm", N=4, B=8)
     out = prenorm.evaluate(obs2, mask2, torch.zeros(8, 4, dtype=torch.long))
     assert type(out.value.grad_fn).__name__ != "_TrainingPassBackward"
+    out = model.evaluate(obs, mask, actions)
+    with torch.no_grad():
+        model.dec_ln.weight.mul_(2.0)  # an in-place change between forward and backward
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.value.sum().backward()
     module = cpp_decode.extension("cpp")
     weights = [w.detach().contiguous() for w in model._training_pass_weights()]
     with pytest.raises(RuntimeError, match="token rows must lie in"):

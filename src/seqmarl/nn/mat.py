@@ -202,14 +202,16 @@ class _TrainingPass(torch.autograd.Function):
     @staticmethod
     def forward(ctx, module, obs, dec_in, n_block, n_head, *weights):
         out, value, saved = module.training_forward(obs, dec_in, list(weights), n_block, n_head)
-        ctx.module, ctx.saved, ctx.dec_in, ctx.shape = module, saved, dec_in, (n_block, n_head)
-        ctx.weights = weights
+        # Weights and the decoder's input through save_for_backward: autograd then refuses a backward after
+        # one of them was changed in place, as it does for the per-layer pass.
+        ctx.save_for_backward(dec_in, *weights)
+        ctx.module, ctx.saved, ctx.shape = module, saved, (n_block, n_head)
         return out, value
 
     @staticmethod
     def backward(ctx, dout, dvalue):
-        weights = list(ctx.weights)
-        grads = ctx.module.training_backward(dout, dvalue, ctx.saved, ctx.dec_in, weights, *ctx.shape)
+        dec_in, *weights = ctx.saved_tensors
+        grads = ctx.module.training_backward(dout, dvalue, ctx.saved, dec_in, weights, *ctx.shape)
         ctx.saved = None  # the activations go now, not when the graph does
         return (None, None, None, None, None, *grads)
 
