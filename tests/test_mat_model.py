@@ -159,11 +159,17 @@ HAS_COMPILER = any(shutil.which(cc) for cc in ("c++", "g++", "clang++"))
 
 
 def act_with_each_loop(model, obs, mask, deterministic: bool, seed: int) -> dict:
-    """`act` with the C++ and with the Python cached loop, the same draws for both."""
+    """`act` with the C++ and with the Python cached loop, the same draws for both, both from the
+    per-layer encoder (these tests are about the decode loops; the C++ encoder has its own test below)."""
     results = {}
-    for mode in ("cpp", "python"):
-        model.config = dataclasses.replace(model.config, decode=mode)
-        results[mode] = model.act(obs, mask, deterministic, torch.Generator().manual_seed(seed))
+    switch = cpp_decode.use_training_pass
+    cpp_decode.use_training_pass = False
+    try:
+        for mode in ("cpp", "python"):
+            model.config = dataclasses.replace(model.config, decode=mode)
+            results[mode] = model.act(obs, mask, deterministic, torch.Generator().manual_seed(seed))
+    finally:
+        cpp_decode.use_training_pass = switch
     return results
 
 
@@ -552,3 +558,24 @@ def test_whole_training_pass_gives_the_same_bits_every_time_and_its_domain():
     weights = [w.detach().contiguous() for w in model._training_pass_weights()]
     with pytest.raises(RuntimeError, match="token rows must lie in"):
         module.training_forward(obs, torch.full((300, 4), 8, dtype=torch.long), weights, 1, 1)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the C++ decode step cannot be built here")
+@pytest.mark.parametrize("case", PASS_CASES)
+def test_acting_encoder_pass_matches_the_per_layer_encoder(case, monkeypatch):
+    """Without gradients (acting, bootstrap values) MAT's encoder and value head run as the training
+    pass's encoder loops (csrc/decode.cpp `encoder_forward`): the encoded tokens and values agree with
+    the per-layer encoder within float32 rounding, and with gradients on `encode` stays per layer."""
+    space, config, N = PASS_CASES[case]
+    model, obs, _ = make("", "", N=N, B=33, space=space, config=config)
+    if not cpp_decode.extension("cpp").fused_available():
+        pytest.skip("this CPU has no AVX2/FMA")
+    with torch.no_grad():
+        rep, value = model.encode(obs)
+        monkeypatch.setattr(cpp_decode, "use_training_pass", False)
+        rep_ref, value_ref = model.encode(obs)
+        monkeypatch.setattr(cpp_decode, "use_training_pass", True)
+    assert rep.shape == rep_ref.shape == (33, N, config.n_embd) and value.shape == (33, N)
+    torch.testing.assert_close(rep, rep_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(value, value_ref, rtol=1e-5, atol=1e-5)
+    assert model.encode(obs)[1].requires_grad  # with gradients: the per-layer encoder, differentiable

@@ -296,6 +296,18 @@ class MultiAgentTransformer(EncoderMixin, nn.Module):
         self.policy_head = Head(E, A, config.decode)
         cpp_decode.extension(config.decode)  # build or load it now, not in the middle of a rollout
 
+    def encode(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """obs (B, N, O) -> encoded tokens (B, N, E), values (B, N). Without gradients (acting, bootstrap
+        values) on a CPU that runs the training pass, its encoder loops run it (csrc/decode.cpp
+        `encoder_forward`: the same maths, another summation order); otherwise layer by layer."""
+        if not torch.is_grad_enabled() and not self.config.pre_norm:
+            module = cpp_decode.training_pass(self.config.decode, obs)
+            if module is not None:
+                c = self.config
+                weights = self._training_pass_weights(encoder_only=True)
+                return module.encoder_forward(obs, weights, c.n_block, c.n_head)
+        return super().encode(obs)
+
     # ----------------------------------------------------------------------------------------- decoder
     def _tokens(self, previous: torch.Tensor) -> torch.Tensor:
         """Decoder input: the start token, then one token per previous agent's action.
@@ -350,9 +362,10 @@ class MultiAgentTransformer(EncoderMixin, nn.Module):
         log_prob, entropy = self._log_prob_entropy(out, action_mask, actions)
         return EvalOutput(log_prob=log_prob, entropy=entropy, value=value)
 
-    def _training_pass_weights(self) -> list[torch.Tensor]:
-        """The weights in the order csrc/decode.cpp's training pass reads them; each attention's query /
-        key / value weights side by side (torch.cat, so autograd hands each its own gradient)."""
+    def _training_pass_weights(self, encoder_only: bool = False) -> list[torch.Tensor]:
+        """The weights in the order csrc/decode.cpp's training pass reads them (up to the value head with
+        `encoder_only`); each attention's query / key / value weights side by side (torch.cat, so
+        autograd hands each its own gradient)."""
         own = lambda layer: [layer.weight, layer.bias]  # noqa: E731
         side_by_side = lambda *ls: [torch.cat([x.weight for x in ls]), torch.cat([x.bias for x in ls])]  # noqa: E731
         w = own(self.obs_embed[0]) + own(self.obs_embed[1]) + own(self.enc_ln)
@@ -360,6 +373,8 @@ class MultiAgentTransformer(EncoderMixin, nn.Module):
             w += side_by_side(b.attn.query, b.attn.key, b.attn.value) + own(b.attn.proj) + own(b.ln1)
             w += own(b.mlp.fc) + own(b.mlp.proj) + own(b.ln2)
         w += own(self.value_head[0]) + own(self.value_head[2]) + own(self.value_head[3])
+        if encoder_only:
+            return w
         w += [self.action_embed.weight] if self.discrete else own(self.action_embed_linear)
         w += own(self.dec_ln)
         for b in self.dec_blocks:

@@ -1176,7 +1176,9 @@ struct TModel {
 
 // Reads the weights in the order of mat.py `_training_pass_weights`; with `transpose`, also the
 // transposed copies the forward multiplies by.
-TModel bind_model(const std::vector<Tensor>& ws, int64_t n_block, int64_t n_head, bool discrete, bool transpose) {
+// `encoder_only`: the list ends after the value head (mat.py `_training_pass_weights(encoder_only=True)`).
+TModel bind_model(const std::vector<Tensor>& ws, int64_t n_block, int64_t n_head, bool discrete, bool transpose,
+                  bool encoder_only = false) {
   TModel m;
   m.discrete = discrete;
   size_t i = 0;
@@ -1224,6 +1226,12 @@ TModel bind_model(const std::vector<Tensor>& ws, int64_t n_block, int64_t n_head
     m.enc.push_back(std::move(e));
   }
   m.v_fc = linear(), m.v_ln = norm(), m.v_out = linear();
+  if (encoder_only) {
+    TORCH_CHECK(i == ws.size(), "encoder pass: ", ws.size(), " weights given, ", i, " expected");
+    m.O = m.embed.K, m.E = m.embed.O, m.H = n_head, m.D = m.E / n_head;
+    TORCH_CHECK(m.E % n_head == 0 && m.v_out.O == 1, "encoder pass: unexpected weight shapes");
+    return m;
+  }
   if (discrete) {
     const Tensor& t = next();
     m.table = t.data_ptr<float>(), m.g_table = m.offsets.back();
@@ -1287,7 +1295,8 @@ struct TSaved {
   std::vector<TDecSaved> dec;
 };
 
-TSaved bind_saved(const TModel& m, int64_t T, std::vector<Tensor>& ts, bool allocate) {
+// With `encoder_only` (acting: encoder and value head, no backward), the decoder's fields are left out.
+TSaved bind_saved(const TModel& m, int64_t T, std::vector<Tensor>& ts, bool allocate, bool encoder_only = false) {
   size_t i = 0;
   const int64_t E = m.E, HN = m.H * m.N;
   auto field = [&](int64_t width) -> float* {
@@ -1299,9 +1308,10 @@ TSaved bind_saved(const TModel& m, int64_t T, std::vector<Tensor>& ts, bool allo
   auto attention = [&]() { return TAttentionSaved{field(3 * E), field(E), field(HN), field(E), field(1), field(E)}; };
   auto mlp = [&]() { return TMlpSaved{field(E), field(E), field(E), field(1), field(E)}; };
   TSaved s;
-  s.obs_hat = field(m.O), s.embed = gelu_norm(), s.value = gelu_norm(), s.tokens = gelu_norm();
-  s.policy = gelu_norm();
+  s.obs_hat = field(m.O), s.embed = gelu_norm(), s.value = gelu_norm();
   for (size_t k = 0; k < m.enc.size(); ++k) s.enc.push_back({attention(), mlp()});
+  if (encoder_only) return s;
+  s.tokens = gelu_norm(), s.policy = gelu_norm();
   for (size_t k = 0; k < m.dec.size(); ++k) {
     TDecSaved d;
     d.self = attention();
@@ -1404,13 +1414,11 @@ FAST void mlp_backward_rows(const TMlp& w, const float* x, const TMlpSaved& s, c
   t_input_grad(w.fc, tmp, E, c.R, true, dx, E);
 }
 
-// Forward of samples [s0, s1): writes the policy outputs (B, N, A), the values (B, N) and the saved fields.
-// tmp: scratch of R * E floats, h0: of R * O (R = the chunk's token rows).
-FAST void training_forward_chunk(const TModel& m, const TSaved& all, const float* obs, const int64_t* tokens,
-                                 const float* prev, float* out, float* value, int64_t s0, int64_t s1, float* tmp,
-                                 float* h0) {
-  const int64_t N = m.N, E = m.E, O = m.O, A = m.A, t0 = s0 * N, R = (s1 - s0) * N, HN = m.H * N;
-  const Chunk c{t0, R, N, E, m.H, m.D, (s1 - s0) * m.H};
+// The encoder and the value head for one chunk: writes the values (B, N) and the encoder's saved fields;
+// returns the chunk's encoded rows (rep). tmp: scratch of R * E floats, h0: of R * O.
+FAST const float* encoder_forward_chunk(const TModel& m, const TSaved& all, const float* obs, float* value,
+                                        const Chunk& c, float* tmp, float* h0) {
+  const int64_t E = m.E, O = m.O, t0 = c.t0, R = c.R, HN = m.H * m.N;
   // encoder input: LayerNorm -> Linear -> GELU -> LayerNorm (the observation LayerNorm's 1/std is not kept:
   // the backward needs only its normalised rows, see training_backward)
   layer_norm_rows(obs + t0 * O, nullptr, m.ln_obs.w, m.ln_obs.b, R, O, h0, all.obs_hat + t0 * O, tmp);
@@ -1430,6 +1438,17 @@ FAST void training_forward_chunk(const TModel& m, const TSaved& all, const float
   t_forward(m.v_fc, rep, E, R, tmp, E);
   gelu_norm_forward(m.v_ln, tmp, vh, c);
   t_forward(m.v_out, vh.out, E, R, value + t0, 1);
+  return rep;
+}
+
+// Forward of samples [s0, s1): writes the policy outputs (B, N, A), the values (B, N) and the saved fields.
+// tmp: scratch of R * E floats, h0: of R * O (R = the chunk's token rows).
+FAST void training_forward_chunk(const TModel& m, const TSaved& all, const float* obs, const int64_t* tokens,
+                                 const float* prev, float* out, float* value, int64_t s0, int64_t s1, float* tmp,
+                                 float* h0) {
+  const int64_t N = m.N, E = m.E, A = m.A, t0 = s0 * N, R = (s1 - s0) * N, HN = m.H * N;
+  const Chunk c{t0, R, N, E, m.H, m.D, (s1 - s0) * m.H};
+  const float* rep = encoder_forward_chunk(m, all, obs, value, c, tmp, h0);
   // decoder input: the start token and the previous agents' actions, embedded -> GELU -> LayerNorm
   if (m.discrete) {
     for (int64_t r = 0; r < R; ++r) std::memcpy(tmp + r * E, m.table + tokens[t0 + r] * E, sizeof(float) * E);
@@ -1603,6 +1622,36 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> training_forward(const Tensor& o
   return {out, value, saved};
 }
 
+// The encoder and the value head alone, for acting (no gradients): obs (B, N, O) and the weights of
+// training_forward up to the value head -> encoded tokens (B, N, E), values (B, N). The same loops as the
+// training pass's forward.
+std::tuple<Tensor, Tensor> encoder_forward(const Tensor& obs_in, const std::vector<Tensor>& weights, int64_t n_block,
+                                           int64_t n_head) {
+  const Tensor obs = obs_in.contiguous();
+  TORCH_CHECK(supported(), "encoder pass: needs a CPU with AVX2 and FMA");
+  TORCH_CHECK(obs.device().is_cpu() && obs.scalar_type() == at::kFloat && obs.dim() == 3,
+              "encoder pass: obs must be (B, N, O) CPU float32");
+  TModel m = bind_model(weights, n_block, n_head, false, true, true);
+  m.B = obs.size(0), m.N = obs.size(1);
+  TORCH_CHECK(obs.size(2) == m.O, "encoder pass: obs width ", obs.size(2), " but the embedding takes ", m.O);
+  const int64_t T = m.B * m.N, S = samples_per_chunk(m.N), chunks = (m.B + S - 1) / S;
+  std::vector<Tensor> saved;
+  const TSaved s = bind_saved(m, T, saved, true, true);
+  Tensor value = at::empty({m.B, m.N}, obs.options());
+  const float* op = obs.data_ptr<float>();
+  float* valp = value.data_ptr<float>();
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> tmp(static_cast<size_t>(S * m.N * (m.E + m.O)));
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t s0 = c * S, s1 = std::min(m.B, (c + 1) * S);
+      const Chunk chunk{s0 * m.N, (s1 - s0) * m.N, m.N, m.E, m.H, m.D, (s1 - s0) * m.H};
+      encoder_forward_chunk(m, s, op, valp, chunk, tmp.data(), tmp.data() + S * m.N * m.E);
+    }
+  });
+  const Tensor& rep = m.enc.empty() ? saved[4] : saved.back();  // embed.out, or the last block's output
+  return {rep.view({m.B, m.N, m.E}), value};
+}
+
 // Gradients of every weight (same order and shapes as given) from those of the outputs and values.
 std::vector<Tensor> training_backward(const Tensor& dout_in, const Tensor& dvalue_in, std::vector<Tensor> saved,
                                       const Tensor& dec_in_t, const std::vector<Tensor>& weights, int64_t n_block,
@@ -1663,6 +1712,9 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> training_forward(const Tensor&, 
 std::vector<Tensor> training_backward(const Tensor&, const Tensor&, std::vector<Tensor>, const Tensor&,
                                       const std::vector<Tensor>&, int64_t, int64_t) {
   TORCH_CHECK(false, "training pass: needs an x86-64 build");
+}
+std::tuple<Tensor, Tensor> encoder_forward(const Tensor&, const std::vector<Tensor>&, int64_t, int64_t) {
+  TORCH_CHECK(false, "encoder pass: needs an x86-64 build");
 }
 Tensor gelu_forward(const Tensor&) { TORCH_CHECK(false, "gelu: needs an x86-64 build"); }
 Tensor gelu_backward(const Tensor&, const Tensor&) { TORCH_CHECK(false, "gelu: needs an x86-64 build"); }
@@ -1775,6 +1827,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("training_forward", &fast::training_forward,
         "MAT's whole forward for the update: obs, tokens or previous actions, weights, n_block, n_head -> "
         "policy outputs, values, saved");
+  m.def("encoder_forward", &fast::encoder_forward,
+        "MAT's encoder and value head for acting: obs, the training pass's weights up to the value head, "
+        "n_block, n_head -> encoded tokens, values");
   m.def("training_backward", &fast::training_backward,
         "its backward: d outputs, d values, saved, tokens or previous actions, weights, n_block, n_head -> "
         "the weights' gradients");
