@@ -46,7 +46,7 @@ int main(int argc, char** argv) {
 def tile_rates(rows: int) -> list[float]:
     text = SOURCE.read_text()
     start = text.index("template <int V>\nFAST inline __m256 load_columns")
-    end = text.index("// y = GELU(x) as gelu_to, and its slope")
+    end = text.index("// C (M, O) = bias + A (M, K) @ Wt (K, O), Wt contiguous")
     head = "#include <immintrin.h>\n#include <cstdint>\n#include <algorithm>\n"
     head += '#define FAST __attribute__((target("avx2,fma")))\n'
     with tempfile.TemporaryDirectory() as tmp:

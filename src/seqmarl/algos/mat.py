@@ -29,7 +29,9 @@ class MATAlgorithm(PPOAlgorithm):
         which GELU / LayerNorm kernels run, and whether the update's forward and backward run as one C++ pass
         (they round differently)."""
         mode = self.model.config.decode
-        whole_pass = "per-layer" if self.model.config.pre_norm else cpp_decode.pass_name(mode, self.device)
+        whole_pass = (
+            "cpp" if self.model._pass_module(torch.empty(1, device=self.device)) is not None else "per-layer"
+        )
         return {
             "decode_loop": cpp_decode.loop_name(mode, self.device),
             "train_attention": cpp_decode.attention_name(mode, self.device),

@@ -23,6 +23,7 @@ H heads, D = E / H.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -300,24 +301,31 @@ class MultiAgentTransformer(EncoderMixin, nn.Module):
         """obs (B, N, O) -> encoded tokens (B, N, E), values (B, N). Without gradients (acting, bootstrap
         values) on a CPU that runs the training pass, its encoder loops run it (csrc/decode.cpp
         `encoder_forward`: the same maths, another summation order); otherwise layer by layer."""
-        if not torch.is_grad_enabled() and not self.config.pre_norm:
-            module = cpp_decode.training_pass(self.config.decode, obs)
-            if module is not None:
-                c = self.config
-                weights = self._training_pass_weights(encoder_only=True)
-                return module.encoder_forward(obs, weights, c.n_block, c.n_head)
-        return super().encode(obs)
+        module = None if torch.is_grad_enabled() else self._pass_module(obs)
+        if module is None:
+            return super().encode(obs)
+        c, weights = self.config, self._training_pass_weights(encoder_only=True)
+        return module.encoder_forward(obs, weights, c.n_block, c.n_head)
+
+    def _pass_module(self, x: torch.Tensor) -> ModuleType | None:
+        """The C++ module whose training pass (and its encoder loops) can run this model on `x`'s device
+        and dtype, or None: pre-LayerNorm blocks, or what cpp_decode.training_pass refuses."""
+        return None if self.config.pre_norm else cpp_decode.training_pass(self.config.decode, x)
 
     # ----------------------------------------------------------------------------------------- decoder
+    def _token_inputs(self, previous: torch.Tensor) -> torch.Tensor:
+        """What the action embedding reads: the start, then each previous agent's action. previous (B, L)
+        int -> (B, L+1) rows of the embedding (0 = start, a + 1 = action a), or (B, L, A) float ->
+        (B, L+1, A) with the reference's zeros first."""
+        if self.discrete:
+            return torch.cat([previous.new_zeros(previous.shape[0], 1), previous + 1], dim=1)
+        return torch.cat([previous.new_zeros(previous.shape[0], 1, self.action_width), previous], dim=1)
+
     def _tokens(self, previous: torch.Tensor) -> torch.Tensor:
         """Decoder input: the start token, then one token per previous agent's action.
         previous (B, L) int or (B, L, A) float -> (B, L+1, E)."""
-        if self.discrete:
-            start = previous.new_zeros(previous.shape[0], 1)  # row 0 of the embedding is the start token
-            x = self.action_embed(torch.cat([start, previous + 1], dim=1))
-        else:
-            start = previous.new_zeros(previous.shape[0], 1, self.action_width)  # the reference's zeros
-            x = self.action_embed_linear(torch.cat([start, previous], dim=1))
+        inputs = self._token_inputs(previous)
+        x = self.action_embed(inputs) if self.discrete else self.action_embed_linear(inputs)
         return add_layer_norm(gelu(x, self.kernel), None, self.dec_ln, self.kernel)  # (B, L+1, E)
 
     def _decode(self, x: torch.Tensor, rep: torch.Tensor) -> torch.Tensor:
@@ -343,18 +351,16 @@ class MultiAgentTransformer(EncoderMixin, nn.Module):
         With gradients on a CPU that runs csrc/decode.cpp's vector loops, the encoder, decoder and heads
         run as one C++ pass (`_TrainingPass`: same maths, another summation order); the log-probs and
         entropies are taken here either way."""
-        module = None
-        if torch.is_grad_enabled() and not self.config.pre_norm:
-            module = cpp_decode.training_pass(self.config.decode, obs)
+        module = self._pass_module(obs) if torch.is_grad_enabled() else None
         if module is not None:
-            B = obs.shape[0]
-            if self.discrete:
-                dec_in = torch.cat([actions.new_zeros(B, 1), actions[:, :-1] + 1], dim=1)  # (B, N) rows
-            else:
-                dec_in = torch.cat([actions.new_zeros(B, 1, self.action_width), actions[:, :-1]], dim=1)
             c = self.config
             out, value = _TrainingPass.apply(
-                module, obs, dec_in, c.n_block, c.n_head, *self._training_pass_weights()
+                module,
+                obs,
+                self._token_inputs(actions[:, :-1]),
+                c.n_block,
+                c.n_head,
+                *self._training_pass_weights(),
             )
         else:
             rep, value = self.encode(obs)

@@ -249,54 +249,82 @@ FAST void gelu_to(const float* x, float* y, int64_t n) {
 
 FAST inline void gelu(float* x, int64_t n) { gelu_to(x, x, n); }  // in place
 
-// R rows of C = bias + A @ Wt for 16 output columns starting at o: A (R, K) with row stride lda, Wt
-// (K, O) contiguous (a Linear's weight transposed), C with row stride ldc. 2R accumulators in registers.
-template <int R>
-FAST inline void linear_tile16(const float* A, int64_t lda, int64_t K, const float* Wt, int64_t O, const float* bias,
-                               int64_t o, float* C, int64_t ldc) {
+// The matmul of the fused decode loop and of the training pass (below):
+// C (M, O) = init + A @ Bt, for A(m, k) = A[m * sam + k * sak], Bt (K, O) with row stride ldb, C with row
+// stride ldc; init is C itself (acc), else bias (when given), else 0. Bt is a Linear's weight
+// transposed (forward), the weight itself (input gradient), or the layer's input rows with A the output
+// gradient read by columns (weight gradient: sam = 1, sak = the gradient's row stride). Register-
+// blocked AVX2/FMA tiles of 6 rows x 16 columns of accumulators.
+
+template <int V>
+FAST inline __m256 load_columns(const float* p, __m256i mask) {
+  return V == 0 ? _mm256_maskload_ps(p, mask) : _mm256_loadu_ps(p);
+}
+
+// V = 1 or 2 vectors of 8 columns; V = 0: the first `n` (< 8) columns, by masked loads and stores.
+template <int R, int V>
+FAST inline void mm_tile(const float* A, int64_t sam, int64_t sak, int64_t K, const float* Bt, int64_t ldb,
+                         const float* bias, bool acc, float* C, int64_t ldc, int64_t n = 8) {
+  // The loops over r are unrolled by pragma: GCC did not unroll them on its own and then kept the
+  // accumulators on the stack, storing them on every step of k (~40 against ~105 GFLOP/s, one core).
+  static_assert(V >= 0 && V <= 2, "0 (a masked tail), 8 or 16 columns");
+  alignas(32) static const float zeros[16] = {};
+  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const float* init = acc ? C : (bias != nullptr ? bias : zeros);
+  const int64_t init_ld = acc ? ldc : 0;
   __m256 c0[R], c1[R];
-  const __m256 b0 = _mm256_loadu_ps(bias + o), b1 = _mm256_loadu_ps(bias + o + 8);
-  for (int r = 0; r < R; ++r) c0[r] = b0, c1[r] = b1;
-  const float* w = Wt + o;
-  for (int64_t k = 0; k < K; ++k, w += O) {
-    const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    c0[r] = load_columns<V>(init + r * init_ld, mask);
+    c1[r] = V == 2 ? _mm256_loadu_ps(init + r * init_ld + 8) : c0[r];
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 b0 = load_columns<V>(Bt + k * ldb, mask);
+    const __m256 b1 = V == 2 ? _mm256_loadu_ps(Bt + k * ldb + 8) : b0;
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const __m256 a = _mm256_broadcast_ss(A + r * lda + k);
-      c0[r] = _mm256_fmadd_ps(a, w0, c0[r]);
-      c1[r] = _mm256_fmadd_ps(a, w1, c1[r]);
+      const __m256 a = _mm256_broadcast_ss(A + r * sam + k * sak);
+      c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
+      if (V == 2) c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
     }
   }
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    _mm256_storeu_ps(C + r * ldc + o, c0[r]);
-    _mm256_storeu_ps(C + r * ldc + o + 8, c1[r]);
+    if (V == 0) {
+      _mm256_maskstore_ps(C + r * ldc, mask, c0[r]);
+    } else {
+      _mm256_storeu_ps(C + r * ldc, c0[r]);
+    }
+    if (V == 2) _mm256_storeu_ps(C + r * ldc + 8, c1[r]);
   }
 }
 
-// C (M, O) = bias + A (M, K) @ Wt (K, O): 4 x 16 tiles, then single rows, then 8 and single columns.
-FAST void linear(const float* A, int64_t lda, int64_t M, int64_t K, const float* Wt, const float* bias, int64_t O,
-                 float* C, int64_t ldc) {
+// R rows of C across all O columns: 16 at a time, then 8, then a masked tail (the R rows of A and the
+// whole of Bt stay in the L1/L2 cache while the columns are swept).
+template <int R>
+FAST void mm_rows(const float* A, int64_t sam, int64_t sak, int64_t K, const float* Bt, int64_t ldb, int64_t O,
+                  const float* bias, bool acc, float* C, int64_t ldc) {
   int64_t o = 0;
-  for (; o + 16 <= O; o += 16) {
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) linear_tile16<4>(A + m * lda, lda, K, Wt, O, bias, o, C + m * ldc, ldc);
-    for (; m < M; ++m) linear_tile16<1>(A + m * lda, lda, K, Wt, O, bias, o, C + m * ldc, ldc);
-  }
-  for (; o + 8 <= O; o += 8) {
-    for (int64_t m = 0; m < M; ++m) {
-      __m256 c = _mm256_loadu_ps(bias + o);
-      const float* a = A + m * lda;
-      for (int64_t k = 0; k < K; ++k) c = _mm256_fmadd_ps(_mm256_broadcast_ss(a + k), _mm256_loadu_ps(Wt + k * O + o), c);
-      _mm256_storeu_ps(C + m * ldc + o, c);
-    }
-  }
-  for (; o < O; ++o) {
-    for (int64_t m = 0; m < M; ++m) {
-      float c = bias[o];
-      const float* a = A + m * lda;
-      for (int64_t k = 0; k < K; ++k) c = std::fma(a[k], Wt[k * O + o], c);
-      C[m * ldc + o] = c;
-    }
-  }
+  for (; o + 16 <= O; o += 16) mm_tile<R, 2>(A, sam, sak, K, Bt + o, ldb, bias == nullptr ? nullptr : bias + o, acc, C + o, ldc);
+  for (; o + 8 <= O; o += 8) mm_tile<R, 1>(A, sam, sak, K, Bt + o, ldb, bias == nullptr ? nullptr : bias + o, acc, C + o, ldc);
+  if (o < O) mm_tile<R, 0>(A, sam, sak, K, Bt + o, ldb, bias == nullptr ? nullptr : bias + o, acc, C + o, ldc, O - o);
+}
+
+FAST void mm(const float* A, int64_t sam, int64_t sak, int64_t M, int64_t K, const float* Bt, int64_t ldb, int64_t O,
+             const float* bias, bool acc, float* C, int64_t ldc) {
+  // 6 rows at a time, the rest in 4-, 2- and 1-row tiles (a 1-row tile waits on its 2 accumulators'
+  // FMA latency: ~1/4 of the rate, so 4 leftover rows, e.g. 64 = 10 * 6 + 4, go as one 4-row tile)
+  int64_t m = 0;
+  for (; m + 6 <= M; m += 6) mm_rows<6>(A + m * sam, sam, sak, K, Bt, ldb, O, bias, acc, C + m * ldc, ldc);
+  if (m + 4 <= M) mm_rows<4>(A + m * sam, sam, sak, K, Bt, ldb, O, bias, acc, C + m * ldc, ldc), m += 4;
+  if (m + 2 <= M) mm_rows<2>(A + m * sam, sam, sak, K, Bt, ldb, O, bias, acc, C + m * ldc, ldc), m += 2;
+  if (m < M) mm_rows<1>(A + m * sam, sam, sak, K, Bt, ldb, O, bias, acc, C + m * ldc, ldc);
+}
+
+// C (M, O) = bias + A (M, K) @ Wt (K, O), Wt contiguous (a Linear's weight transposed).
+FAST inline void linear(const float* A, int64_t lda, int64_t M, int64_t K, const float* Wt, const float* bias,
+                        int64_t O, float* C, int64_t ldc) {
+  mm(A, lda, 1, M, K, Wt, O, O, bias, false, C, ldc);
 }
 
 FAST inline float dot(const float* a, const float* b, int64_t n) {
@@ -1008,75 +1036,6 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(const Tensor& dy_in, cons
 // or continuous actions; float32 on an x86-64 CPU with AVX2 and FMA. The same maths as the autograd
 // pass, summed in another order (tests/test_mat_model.py compares outputs and every gradient).
 
-// C (M, O) = init + A @ Bt, for A(m, k) = A[m * sam + k * sak], Bt (K, O) with row stride ldb, C with row
-// stride ldc; init is C itself (acc), else bias (when given), else 0. Bt is a Linear's weight
-// transposed (forward), the weight itself (input gradient), or the layer's input rows with A the output
-// gradient read by columns (weight gradient: sam = 1, sak = the gradient's row stride).
-template <int V>
-FAST inline __m256 load_columns(const float* p, __m256i mask) {
-  return V == 0 ? _mm256_maskload_ps(p, mask) : _mm256_loadu_ps(p);
-}
-
-// V = 1 or 2 vectors of 8 columns; V = 0: the first `n` (< 8) columns, by masked loads and stores.
-template <int R, int V>
-FAST inline void mm_tile(const float* A, int64_t sam, int64_t sak, int64_t K, const float* Bt, int64_t ldb,
-                         const float* bias, bool acc, float* C, int64_t ldc, int64_t n = 8) {
-  // The loops over r are unrolled by pragma: GCC did not unroll them on its own and then kept the
-  // accumulators on the stack, storing them on every step of k (~40 against ~105 GFLOP/s, one core).
-  static_assert(V >= 0 && V <= 2, "0 (a masked tail), 8 or 16 columns");
-  alignas(32) static const float zeros[16] = {};
-  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  const float* init = acc ? C : (bias != nullptr ? bias : zeros);
-  const int64_t init_ld = acc ? ldc : 0;
-  __m256 c0[R], c1[R];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    c0[r] = load_columns<V>(init + r * init_ld, mask);
-    c1[r] = V == 2 ? _mm256_loadu_ps(init + r * init_ld + 8) : c0[r];
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    const __m256 b0 = load_columns<V>(Bt + k * ldb, mask);
-    const __m256 b1 = V == 2 ? _mm256_loadu_ps(Bt + k * ldb + 8) : b0;
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m256 a = _mm256_broadcast_ss(A + r * sam + k * sak);
-      c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
-      if (V == 2) c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    if (V == 0) {
-      _mm256_maskstore_ps(C + r * ldc, mask, c0[r]);
-    } else {
-      _mm256_storeu_ps(C + r * ldc, c0[r]);
-    }
-    if (V == 2) _mm256_storeu_ps(C + r * ldc + 8, c1[r]);
-  }
-}
-
-// R rows of C across all O columns: 16 at a time, then 8, then a masked tail (the R rows of A and the
-// whole of Bt stay in the L1/L2 cache while the columns are swept).
-template <int R>
-FAST void mm_rows(const float* A, int64_t sam, int64_t sak, int64_t K, const float* Bt, int64_t ldb, int64_t O,
-                  const float* bias, bool acc, float* C, int64_t ldc) {
-  int64_t o = 0;
-  for (; o + 16 <= O; o += 16) mm_tile<R, 2>(A, sam, sak, K, Bt + o, ldb, bias == nullptr ? nullptr : bias + o, acc, C + o, ldc);
-  for (; o + 8 <= O; o += 8) mm_tile<R, 1>(A, sam, sak, K, Bt + o, ldb, bias == nullptr ? nullptr : bias + o, acc, C + o, ldc);
-  if (o < O) mm_tile<R, 0>(A, sam, sak, K, Bt + o, ldb, bias == nullptr ? nullptr : bias + o, acc, C + o, ldc, O - o);
-}
-
-FAST void mm(const float* A, int64_t sam, int64_t sak, int64_t M, int64_t K, const float* Bt, int64_t ldb, int64_t O,
-             const float* bias, bool acc, float* C, int64_t ldc) {
-  // 6 rows at a time, the rest in 4-, 2- and 1-row tiles (a 1-row tile waits on its 2 accumulators'
-  // FMA latency: ~1/4 of the rate, so 4 leftover rows, e.g. 64 = 10 * 6 + 4, go as one 4-row tile)
-  int64_t m = 0;
-  for (; m + 6 <= M; m += 6) mm_rows<6>(A + m * sam, sam, sak, K, Bt, ldb, O, bias, acc, C + m * ldc, ldc);
-  if (m + 4 <= M) mm_rows<4>(A + m * sam, sam, sak, K, Bt, ldb, O, bias, acc, C + m * ldc, ldc), m += 4;
-  if (m + 2 <= M) mm_rows<2>(A + m * sam, sam, sak, K, Bt, ldb, O, bias, acc, C + m * ldc, ldc), m += 2;
-  if (m < M) mm_rows<1>(A + m * sam, sam, sak, K, Bt, ldb, O, bias, acc, C + m * ldc, ldc);
-}
-
 // y = GELU(x) as gelu_to, and its slope GELU'(x) = Phi(x) + x phi(x) as gelu_grad computes it, from the
 // same erf and exponential: the backward then multiplies by the slope instead of evaluating erf again.
 // y may be x.
@@ -1328,7 +1287,7 @@ int64_t samples_per_chunk(int64_t N) { return std::max<int64_t>(1, (128 + N - 1)
 
 // y (R, l.O) = l(x (R, l.K)), row strides ldx and ldy.
 FAST inline void t_forward(const TLinear& l, const float* x, int64_t ldx, int64_t R, float* y, int64_t ldy) {
-  mm(x, ldx, 1, R, l.K, l.wt, l.O, l.O, l.b, false, y, ldy);
+  linear(x, ldx, R, l.K, l.wt, l.b, l.O, y, ldy);
 }
 
 // dx (R, l.K) (+)= dy (R, l.O) @ W.
@@ -1648,8 +1607,10 @@ std::tuple<Tensor, Tensor> encoder_forward(const Tensor& obs_in, const std::vect
       encoder_forward_chunk(m, s, op, valp, chunk, tmp.data(), tmp.data() + S * m.N * m.E);
     }
   });
-  const Tensor& rep = m.enc.empty() ? saved[4] : saved.back();  // embed.out, or the last block's output
-  return {rep.view({m.B, m.N, m.E}), value};
+  const float* rep = m.enc.empty() ? s.embed.out : s.enc.back().mlp.out;  // the encoder's output rows
+  const auto field =
+      std::find_if(saved.begin(), saved.end(), [rep](const Tensor& t) { return t.data_ptr<float>() == rep; });
+  return {field->view({m.B, m.N, m.E}), value};
 }
 
 // Gradients of every weight (same order and shapes as given) from those of the outputs and values.
