@@ -373,6 +373,42 @@ def test_cpp_gelu_and_layer_norm_match_torch_forward_and_backward(shape, residua
     assert_as_close_to_float64_as_torch(run)
 
 
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the C++ decode step cannot be built here")
+@pytest.mark.parametrize("rows, width", [(3, 1), (40, 7), (3000, 10)])
+def test_cpp_masked_categorical_matches_torch_forward_and_backward(rows, width, monkeypatch):
+    """The update's masked categorical log-prob and entropy (csrc/decode.cpp, nn/distributions.py):
+    both, and the gradient of the logits from weighted gradients of both, are as close to a float64
+    computation as torch's float32 ops are. Rows with one available action, with every action
+    unavailable (the masked logit then ties them all, as in torch), one action only, and more rows than
+    one task of the loop (3000 > 1024). Out-of-range actions are refused."""
+    from seqmarl.nn.distributions import masked_categorical_log_prob_entropy
+
+    if not cpp_decode.extension("cpp").fused_available():
+        pytest.skip("this CPU has no AVX2/FMA: torch's ops run in training here")
+    g = torch.Generator().manual_seed(rows)
+    logits0 = 3.0 * torch.randn(rows, 1, width, generator=g)
+    mask = torch.rand(rows, 1, width, generator=g) < 0.7
+    mask[0] = False  # nothing available
+    mask[-1] = False
+    mask[-1, 0, -1] = True  # one action available
+    actions = torch.distributions.Categorical(logits=torch.where(mask, 0.0, -1e9)).sample()
+    assert cpp_decode.training_kernels("cpp", logits0) is not None
+
+    def run(use_cpp: bool, dtype: torch.dtype) -> list[torch.Tensor]:
+        monkeypatch.setattr(cpp_decode, "use_training_fused", use_cpp)
+        logits = logits0.to(dtype, copy=True).requires_grad_()
+        log_prob, entropy = masked_categorical_log_prob_entropy(logits, mask, actions, "cpp")
+        used = type(log_prob.grad_fn).__name__ == "_MaskedCategoricalBackward"
+        assert used == (use_cpp and dtype == torch.float32)
+        backward_weighted(torch.cat([log_prob, entropy], dim=1))
+        return [log_prob, entropy, logits.grad]
+
+    assert_as_close_to_float64_as_torch(run)
+    module = cpp_decode.extension("cpp")
+    with pytest.raises(RuntimeError, match="an action outside"):
+        module.categorical_forward(logits0, mask, torch.full_like(actions, width))
+
+
 def test_cpp_layer_norm_without_grad_keeps_nothing_and_matches():
     """Under no_grad (acting) the C++ LayerNorm computes the output only, and it is torch's."""
     from torch import nn

@@ -43,8 +43,10 @@ use_training_attention = True
 # agents: 1.53x / 1.15-1.17x / 1.10x / 0.91x as fast (1 thread at 27 / 64: 1.02x / 0.88x;
 # docs/performance.md), hence the limit.
 TRAINING_ATTENTION_MAX_TOKENS = 32
-# And GELU and residual + LayerNorm forward/backward in one pass each (nn/layers.py `gelu`,
-# `add_layer_norm`), for CPU float32 with AVX2/FMA at any size; False leaves them to torch.
+# And GELU, residual + LayerNorm, and the masked categorical's log-prob and entropy forward/backward in
+# one pass each (nn/layers.py `gelu`, `add_layer_norm`; nn/distributions.py
+# `masked_categorical_log_prob_entropy`), for CPU float32 with AVX2/FMA at any size; False leaves them
+# to torch.
 use_training_fused = True
 # And MAT's whole forward and backward in the update as one C++ pass (nn/mat.py `_TrainingPass`): CPU
 # float32 with AVX2/FMA, post-LayerNorm blocks; False keeps the per-layer autograd pass (the tests
@@ -167,8 +169,8 @@ def training_attention(mode: str, x: torch.Tensor) -> ModuleType | None:
 
 
 def training_kernels(mode: str, x: torch.Tensor) -> ModuleType | None:
-    """The module whose GELU and residual + LayerNorm loops take `x`, or None for torch's: another
-    device or dtype, no AVX2/FMA, mode "python", or `use_training_fused` off."""
+    """The module whose GELU, residual + LayerNorm and masked categorical loops take `x`, or None for
+    torch's: another device or dtype, no AVX2/FMA, mode "python", or `use_training_fused` off."""
     return _vector_module(mode, x) if use_training_fused else None
 
 

@@ -342,7 +342,7 @@ class MultiAgentTransformer(EncoderMixin, nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Policy outputs (B, N, A) (logits or means) and actions -> log-probs, entropies (B, N)."""
         if self.discrete:
-            return dist.categorical_log_prob_entropy(dist.masked_logits(out, action_mask), actions)
+            return dist.masked_categorical_log_prob_entropy(out, action_mask, actions, self.kernel)
         return dist.gaussian_log_prob_entropy(out, self._std(), actions)
 
     def evaluate(self, obs: torch.Tensor, action_mask: torch.Tensor, actions: torch.Tensor) -> EvalOutput:

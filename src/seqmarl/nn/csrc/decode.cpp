@@ -15,6 +15,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -1024,6 +1025,98 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(const Tensor& dy_in, cons
   return {ds, sums[0].clone(), sums[1].clone()};
 }
 
+// ---- The masked categorical's log-prob and entropy in training (nn/distributions.py) ----
+// For each row of logits l (A wide), with unavailable actions at MASKED_LOGIT (-1e10, as masked_logits):
+// log p = l - logsumexp(l), log_prob = log p[action], entropy H = -sum p log p. Backward:
+// d l_j = g_lp (1[j = action] - p_j) - g_H p_j (log p_j + H), and 0 for unavailable j (masked_fill's).
+// torch runs this as ~8 ops forward and ~8 backward over (B, N, A); here it is one pass over the rows
+// each way. Scalar loops: A is ~5-20 wide.
+constexpr float kMaskedLogit = -1e10f;
+constexpr int64_t kCategoricalRows = 1024;  // rows per task
+
+void check_categorical(const Tensor& logits, const Tensor& mask, const Tensor& actions) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == at::kFloat && logits.dim() >= 1,
+              "categorical: logits must be CPU float32");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.sizes() == logits.sizes(),
+              "categorical: the mask must be bool with the logits' shape");
+  TORCH_CHECK(actions.scalar_type() == at::kLong && actions.numel() * logits.size(-1) == logits.numel(),
+              "categorical: one int64 action per row of logits");
+}
+
+// logits, mask (..., A), actions (...) -> log_prob, entropy (...), and p, log p (..., A) for the backward.
+std::tuple<Tensor, Tensor, Tensor, Tensor> categorical_forward(const Tensor& logits_in, const Tensor& mask_in,
+                                                               const Tensor& actions_in) {
+  const Tensor logits = logits_in.contiguous(), mask = mask_in.contiguous(), actions = actions_in.contiguous();
+  check_categorical(logits, mask, actions);
+  const int64_t A = logits.size(-1), R = actions.numel();
+  Tensor probs = at::empty_like(logits), log_probs = at::empty_like(logits);
+  Tensor log_prob = at::empty(actions.sizes(), logits.options()), entropy = at::empty_like(log_prob);
+  const float* lp = logits.data_ptr<float>();
+  const bool* mp = mask.data_ptr<bool>();
+  const int64_t* ap = actions.data_ptr<int64_t>();
+  float *pp = probs.data_ptr<float>(), *qp = log_probs.data_ptr<float>();
+  float *op = log_prob.data_ptr<float>(), *hp = entropy.data_ptr<float>();
+  std::atomic<bool> bad_action{false};
+  at::parallel_for(0, R, kCategoricalRows, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* l = lp + r * A;
+      const bool* m = mp + r * A;
+      float *p = pp + r * A, *q = qp + r * A;
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < A; ++j) {
+        q[j] = m[j] ? l[j] : kMaskedLogit;  // q: the masked logits, then log p
+        top = std::max(top, q[j]);
+      }
+      float sum = 0.0f;
+      for (int64_t j = 0; j < A; ++j) sum += (p[j] = std::exp(q[j] - top));
+      const float log_sum = std::log(sum), inv = 1.0f / sum;
+      float h = 0.0f;
+      for (int64_t j = 0; j < A; ++j) {
+        q[j] = (q[j] - top) - log_sum;
+        p[j] *= inv;
+        h -= p[j] * q[j];
+      }
+      const int64_t a = ap[r];
+      if (a < 0 || a >= A) {
+        bad_action = true;
+        continue;
+      }
+      op[r] = q[a], hp[r] = h;
+    }
+  });
+  TORCH_CHECK(!bad_action, "categorical: an action outside [0, ", A, ")");
+  return {log_prob, entropy, probs, log_probs};
+}
+
+// d logits from the gradients of log_prob and entropy, with what the forward returned.
+Tensor categorical_backward(const Tensor& g_lp_in, const Tensor& g_h_in, const Tensor& mask_in,
+                            const Tensor& actions_in, const Tensor& probs, const Tensor& log_probs,
+                            const Tensor& entropy) {
+  const Tensor g_lp = g_lp_in.contiguous(), g_h = g_h_in.contiguous(), mask = mask_in.contiguous();
+  const Tensor actions = actions_in.contiguous();
+  const int64_t A = probs.size(-1), R = actions.numel();
+  TORCH_CHECK(g_lp.numel() == R && g_h.numel() == R && entropy.numel() == R && log_probs.sizes() == probs.sizes(),
+              "categorical backward: shapes differ from the forward's");
+  Tensor dl = at::empty_like(probs);
+  const float *gp = g_lp.data_ptr<float>(), *gh = g_h.data_ptr<float>(), *hp = entropy.data_ptr<float>();
+  const float *pp = probs.data_ptr<float>(), *qp = log_probs.data_ptr<float>();
+  const bool* mp = mask.data_ptr<bool>();
+  const int64_t* ap = actions.data_ptr<int64_t>();
+  float* dp = dl.data_ptr<float>();
+  at::parallel_for(0, R, kCategoricalRows, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float *p = pp + r * A, *q = qp + r * A;
+      const bool* m = mp + r * A;
+      float* d = dp + r * A;
+      for (int64_t j = 0; j < A; ++j) {
+        d[j] = m[j] ? -gp[r] * p[j] - gh[r] * p[j] * (q[j] + hp[r]) : 0.0f;
+      }
+      if (m[ap[r]]) d[ap[r]] += gp[r];
+    }
+  });
+  return dl;
+}
+
 
 // ---- The whole training pass of MAT, fused (the PPO update; nn/mat.py `_TrainingPass`) ----
 // With autograd, one update at E = 64 runs ~750 ATen ops, and torch's matmuls at these shapes (rows x 64
@@ -1131,6 +1224,17 @@ struct TModel {
   std::vector<TDecBlock> dec;
   std::vector<std::vector<int64_t>> shapes;  // of every weight, in the order given
   std::vector<int64_t> offsets;              // of every weight's gradient in a gradient buffer
+  // Discrete actions: the first decoder block's input is one of V = A + 1 token rows, so its embedding
+  // (GELU, LayerNorm) and its self-attention's query/key/value Linear are computed once per token value
+  // (token_forward), and their backward is summed per token value first (token_grads): the same maths,
+  // one Linear of 3E outputs fewer per token row forward and two fewer backward.
+  bool token_table() const { return discrete && !dec.empty(); }
+  int64_t V() const { return A + 1; }
+  // Past the weights' gradients, a gradient buffer then holds per token value the sums of d qkv (V, 3E)
+  // and of the residual's d x (V, E) of the first decoder block (token_table only).
+  int64_t g_tok_qkv() const { return P; }
+  int64_t g_tok_x() const { return P + V() * 3 * E; }
+  int64_t buffer_floats() const { return token_table() ? P + V() * 4 * E : P; }
 };
 
 // Reads the weights in the order of mat.py `_training_pass_weights`; with `transpose`, also the
@@ -1250,6 +1354,7 @@ struct TDecSaved {
 struct TSaved {
   float* obs_hat;
   TGeluNormSaved embed, value, tokens, policy;  // out: x0 (the encoder's input), lnv, y0, lnp
+  float* tok_qkv = nullptr;  // token_table: the first decoder block's q, k, v per token value (V, 3E)
   std::vector<TEncSaved> enc;
   std::vector<TDecSaved> dec;
 };
@@ -1258,19 +1363,27 @@ struct TSaved {
 TSaved bind_saved(const TModel& m, int64_t T, std::vector<Tensor>& ts, bool allocate, bool encoder_only = false) {
   size_t i = 0;
   const int64_t E = m.E, HN = m.H * m.N;
-  auto field = [&](int64_t width) -> float* {
-    if (allocate) ts.push_back(at::empty({T, width}, at::kFloat));
-    TORCH_CHECK(i < ts.size() && ts[i].numel() == T * width, "training pass: saved tensors do not match");
+  auto field = [&](int64_t width, int64_t rows = -1) -> float* {
+    rows = rows < 0 ? T : rows;
+    if (allocate) ts.push_back(at::empty({rows, width}, at::kFloat));
+    TORCH_CHECK(i < ts.size() && ts[i].numel() == rows * width, "training pass: saved tensors do not match");
     return ts[i++].data_ptr<float>();
   };
-  auto gelu_norm = [&]() { return TGeluNormSaved{field(E), field(E), field(1), field(E)}; };
+  auto gelu_norm = [&](int64_t rows = -1) {
+    return TGeluNormSaved{field(E, rows), field(E, rows), field(1, rows), field(E, rows)};
+  };
   auto attention = [&]() { return TAttentionSaved{field(3 * E), field(E), field(HN), field(E), field(1), field(E)}; };
   auto mlp = [&]() { return TMlpSaved{field(E), field(E), field(E), field(1), field(E)}; };
   TSaved s;
   s.obs_hat = field(m.O), s.embed = gelu_norm(), s.value = gelu_norm();
   for (size_t k = 0; k < m.enc.size(); ++k) s.enc.push_back({attention(), mlp()});
   if (encoder_only) return s;
-  s.tokens = gelu_norm(), s.policy = gelu_norm();
+  if (m.token_table()) {  // kept per token value, not per row
+    s.tokens = gelu_norm(m.V()), s.tok_qkv = field(3 * E, m.V());
+  } else {
+    s.tokens = gelu_norm();
+  }
+  s.policy = gelu_norm();
   for (size_t k = 0; k < m.dec.size(); ++k) {
     TDecSaved d;
     d.self = attention();
@@ -1327,15 +1440,33 @@ FAST void gelu_norm_backward(const TNorm& ln, const TGeluNormSaved& s, const flo
   mul_rows(dx, s.slope, dx, c.R * c.E);
 }
 
-// s.out = LN(x + proj(attention(qkv(x)))). tmp: R x E scratch.
-FAST void attention_forward_rows(const TAttention& w, const float* x, const TAttentionSaved& s, bool causal,
-                                 const Chunk& c, float* tmp) {
+// s.out = LN(x + proj(attention(s.qkv))), the queries, keys and values already in s.qkv. tmp: R x E scratch.
+FAST void attend_project_norm(const TAttention& w, const float* x, const TAttentionSaved& s, bool causal,
+                              const Chunk& c, float* tmp) {
   const int64_t E = c.E;
-  t_forward(w.qkv, x, E, c.R, s.qkv, 3 * E);
   attention_rows_forward(s.qkv, s.qkv + E, s.qkv + 2 * E, s.att, s.probs, c.N, c.H, c.D, causal, 0, c.bh,
                          {3 * E, 3 * E, E});
   t_forward(w.proj, s.att, E, c.R, tmp, E);
   layer_norm_rows(x, tmp, w.ln.w, w.ln.b, c.R, E, s.out, s.hat, s.rstd);
+}
+
+// s.out = LN(x + proj(attention(qkv(x)))). tmp: R x E scratch.
+FAST void attention_forward_rows(const TAttention& w, const float* x, const TAttentionSaved& s, bool causal,
+                                 const Chunk& c, float* tmp) {
+  t_forward(w.qkv, x, c.E, c.R, s.qkv, 3 * c.E);
+  attend_project_norm(w, x, s, causal, c, tmp);
+}
+
+// From dy = d s.out (dy is not kept): dx = the residual's part of d x, wide (R x 3E) = d qkv.
+// tmp: R x E scratch; dp: N floats.
+FAST void attention_backward_to_qkv(const TAttention& w, const TAttentionSaved& s, bool causal, const float* dy,
+                                    float* dx, const Chunk& c, float* tmp, float* wide, float* dp, float* G) {
+  const int64_t E = c.E;
+  t_norm_grad(w.ln, dy, s.hat, s.rstd, c.R, dx, G);  // d (x + proj(...)): the residual's part is dx itself
+  t_weight_grad(w.proj, dx, E, s.att, E, c.R, G);
+  t_input_grad(w.proj, dx, E, c.R, false, tmp, E);
+  attention_rows_backward(tmp, s.qkv, s.qkv + E, s.qkv + 2 * E, s.probs, wide, wide + E, wide + 2 * E, c.N, c.H, c.D,
+                          causal, 0, c.bh, dp, {3 * E, 3 * E, E});
 }
 
 // dx = d x from dy = d s.out (dy is not kept). tmp: R x E, wide: R x 3E scratch; dp: N floats.
@@ -1343,11 +1474,7 @@ FAST void attention_backward_rows(const TAttention& w, const float* x, const TAt
                                   const float* dy, float* dx, const Chunk& c, float* tmp, float* wide, float* dp,
                                   float* G) {
   const int64_t E = c.E;
-  t_norm_grad(w.ln, dy, s.hat, s.rstd, c.R, dx, G);  // d (x + proj(...)): the residual's part is dx itself
-  t_weight_grad(w.proj, dx, E, s.att, E, c.R, G);
-  t_input_grad(w.proj, dx, E, c.R, false, tmp, E);
-  attention_rows_backward(tmp, s.qkv, s.qkv + E, s.qkv + 2 * E, s.probs, wide, wide + E, wide + 2 * E, c.N, c.H, c.D,
-                          causal, 0, c.bh, dp, {3 * E, 3 * E, E});
+  attention_backward_to_qkv(w, s, causal, dy, dx, c, tmp, wide, dp, G);
   t_weight_grad(w.qkv, wide, 3 * E, x, E, c.R, G);
   t_input_grad(w.qkv, wide, 3 * E, c.R, true, dx, E);
 }
@@ -1400,29 +1527,50 @@ FAST const float* encoder_forward_chunk(const TModel& m, const TSaved& all, cons
   return rep;
 }
 
+// token_table: the decoder's input LN(GELU(table row)) and the first block's q, k, v, once per token value.
+FAST void token_forward(const TModel& m, const TSaved& all) {
+  const int64_t V = m.V(), E = m.E;
+  std::vector<float> rows(m.table, m.table + V * E);
+  gelu_norm_forward(m.dec_ln, rows.data(), all.tokens, Chunk{0, V, 1, E, m.H, m.D, 0});
+  t_forward(m.dec[0].self.qkv, all.tokens.out, E, V, all.tok_qkv, 3 * E);
+}
+
 // Forward of samples [s0, s1): writes the policy outputs (B, N, A), the values (B, N) and the saved fields.
-// tmp: scratch of R * E floats, h0: of R * O (R = the chunk's token rows).
+// tmp, y0: scratch of R * E floats, h0: of R * O (R = the chunk's token rows).
 FAST void training_forward_chunk(const TModel& m, const TSaved& all, const float* obs, const int64_t* tokens,
                                  const float* prev, float* out, float* value, int64_t s0, int64_t s1, float* tmp,
-                                 float* h0) {
+                                 float* h0, float* y0) {
   const int64_t N = m.N, E = m.E, A = m.A, t0 = s0 * N, R = (s1 - s0) * N, HN = m.H * N;
   const Chunk c{t0, R, N, E, m.H, m.D, (s1 - s0) * m.H};
   const float* rep = encoder_forward_chunk(m, all, obs, value, c, tmp, h0);
   // decoder input: the start token and the previous agents' actions, embedded -> GELU -> LayerNorm
-  if (m.discrete) {
-    for (int64_t r = 0; r < R; ++r) std::memcpy(tmp + r * E, m.table + tokens[t0 + r] * E, sizeof(float) * E);
+  const float* y;
+  if (m.token_table()) {  // rows of token_forward's
+    for (int64_t r = 0; r < R; ++r) std::memcpy(y0 + r * E, all.tokens.out + tokens[t0 + r] * E, sizeof(float) * E);
+    y = y0;
   } else {
-    t_forward(m.a_embed, prev + t0 * A, A, R, tmp, E);
+    if (m.discrete) {
+      for (int64_t r = 0; r < R; ++r) std::memcpy(tmp + r * E, m.table + tokens[t0 + r] * E, sizeof(float) * E);
+    } else {
+      t_forward(m.a_embed, prev + t0 * A, A, R, tmp, E);
+    }
+    const TGeluNormSaved tok = all.tokens.at(t0, E);
+    gelu_norm_forward(m.dec_ln, tmp, tok, c);
+    y = tok.out;
   }
-  const TGeluNormSaved tok = all.tokens.at(t0, E);
-  gelu_norm_forward(m.dec_ln, tmp, tok, c);
-  const float* y = tok.out;
   for (size_t k = 0; k < m.dec.size(); ++k) {
     const TDecBlock& b = m.dec[k];
     const TDecSaved& d = all.dec[k];
     const TAttentionSaved self = d.self.at(t0, E, HN);
     float *cq = d.cq + t0 * E, *ckv = d.ckv + t0 * 2 * E, *catt = d.catt + t0 * E, *y2 = d.y2 + t0 * E;
-    attention_forward_rows(b.self, y, self, true, c, tmp);
+    if (k == 0 && m.token_table()) {
+      for (int64_t r = 0; r < R; ++r) {
+        std::memcpy(self.qkv + r * 3 * E, all.tok_qkv + tokens[t0 + r] * 3 * E, sizeof(float) * 3 * E);
+      }
+      attend_project_norm(b.self, y, self, true, c, tmp);
+    } else {
+      attention_forward_rows(b.self, y, self, true, c, tmp);
+    }
     // y2 = LN(rep + cross_proj(attention(q = cq(rep), k, v = ckv(y1))))
     t_forward(b.cq, rep, E, R, cq, E);
     t_forward(b.ckv, self.out, E, R, ckv, 2 * E);
@@ -1450,7 +1598,7 @@ FAST void training_backward_chunk(const TModel& m, const TSaved& all, const int6
   float *dy = work, *ds = dy + R * E, *tmp = ds + R * E, *drep = tmp + R * E, *wide = drep + R * E;  // wide: 3E
   float* dpart = wide + 3 * R * E;  // R * E
   std::vector<float> dp(static_cast<size_t>(N) + 8);
-  const TGeluNormSaved embed = all.embed.at(t0, E), tok = all.tokens.at(t0, E);
+  const TGeluNormSaved embed = all.embed.at(t0, E), tok = m.token_table() ? all.tokens : all.tokens.at(t0, E);
   const TGeluNormSaved vh = all.value.at(t0, E), ph = all.policy.at(t0, E);
   auto enc_out = [&](size_t k) { return all.enc[k].mlp.out + t0 * E; };  // block k's output rows
   auto dec_out = [&](size_t k) { return all.dec[k].mlp.out + t0 * E; };
@@ -1467,7 +1615,7 @@ FAST void training_backward_chunk(const TModel& m, const TSaved& all, const int6
   for (size_t k = m.dec.size(); k-- > 0;) {
     const TDecBlock& b = m.dec[k];
     const TDecSaved& d = all.dec[k];
-    const float* y_in = k == 0 ? tok.out : dec_out(k - 1);
+    const float* y_in = k == 0 ? tok.out : dec_out(k - 1);  // token_table: not read for k = 0
     const TAttentionSaved self = d.self.at(t0, E, HN);
     const float *cq = d.cq + t0 * E, *ckv = d.ckv + t0 * 2 * E, *y2 = d.y2 + t0 * E;
     mlp_backward_rows(b.mlp, y2, d.mlp.at(t0, E), dy, ds, c, tmp, G);  // ds: d y2
@@ -1482,15 +1630,25 @@ FAST void training_backward_chunk(const TModel& m, const TSaved& all, const int6
     t_input_grad(b.cq, dpart, E, R, true, drep, E);
     t_weight_grad(b.ckv, wide, 2 * E, self.out, E, R, G);
     t_input_grad(b.ckv, wide, 2 * E, R, false, dy, E);  // dy: d y1
-    attention_backward_rows(b.self, y_in, self, true, dy, ds, c, tmp, wide, dp.data(), G);  // ds: d y_in
+    if (k == 0 && m.token_table()) {  // summed per token value; token_grads does the rest
+      attention_backward_to_qkv(b.self, self, true, dy, ds, c, tmp, wide, dp.data(), G);
+      for (int64_t r = 0; r < R; ++r) {
+        add_rows(G + m.g_tok_qkv() + tokens[t0 + r] * 3 * E, wide + r * 3 * E, 3 * E);
+        add_rows(G + m.g_tok_x() + tokens[t0 + r] * E, ds + r * E, E);
+      }
+    } else {
+      attention_backward_rows(b.self, y_in, self, true, dy, ds, c, tmp, wide, dp.data(), G);  // ds: d y_in
+    }
     std::swap(dy, ds);
   }
-  // decoder input: LN(GELU(token embedding))
-  gelu_norm_backward(m.dec_ln, tok, dy, ds, c, G);
-  if (m.discrete) {
-    for (int64_t r = 0; r < R; ++r) add_rows(G + m.g_table + tokens[t0 + r] * E, ds + r * E, E);
-  } else {
-    t_weight_grad(m.a_embed, ds, E, prev + t0 * A, A, R, G);
+  // decoder input: LN(GELU(token embedding)) (token_table: in token_grads)
+  if (!m.token_table()) {
+    gelu_norm_backward(m.dec_ln, tok, dy, ds, c, G);
+    if (m.discrete) {
+      for (int64_t r = 0; r < R; ++r) add_rows(G + m.g_table + tokens[t0 + r] * E, ds + r * E, E);
+    } else {
+      t_weight_grad(m.a_embed, ds, E, prev + t0 * A, A, R, G);
+    }
   }
   // value head
   const float* dv = dvalue + t0;
@@ -1533,6 +1691,21 @@ void embedding_grads(const TModel& m, float* G) {
   }
 }
 
+// token_table, once the threads' buffers are added up: from the sums per token value of d qkv (Sq) and of
+// the residual's d x (Sx), the first decoder block's query/key/value gradients (Sq^T x_v, column sums of
+// Sq), d x_v = Sx + Sq W, and back through the token LayerNorm and GELU into the embedding's rows. Exact
+// because every row of one token value has the same x_v, GELU slope and LayerNorm statistics.
+FAST void token_grads(const TModel& m, const TSaved& s, float* G) {
+  const int64_t V = m.V(), E = m.E;
+  const TLinear& qkv = m.dec[0].self.qkv;
+  float *dq = G + m.g_tok_qkv(), *dx = G + m.g_tok_x();
+  t_weight_grad(qkv, dq, 3 * E, s.tokens.out, E, V, G);
+  t_input_grad(qkv, dq, 3 * E, V, true, dx, E);
+  std::vector<float> ds(static_cast<size_t>(V * E));
+  gelu_norm_backward(m.dec_ln, s.tokens, dx, ds.data(), Chunk{0, V, 1, E, m.H, m.D, 0}, G);
+  add_rows(G + m.g_table, ds.data(), V * E);
+}
+
 void check_training_inputs(const Tensor& obs, const Tensor& dec_in, bool discrete) {
   TORCH_CHECK(supported(), "training pass: needs a CPU with AVX2 and FMA");
   TORCH_CHECK(obs.device().is_cpu() && obs.scalar_type() == at::kFloat && obs.dim() == 3,
@@ -1571,11 +1744,13 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> training_forward(const Tensor& o
   const int64_t* tokens = discrete ? dec_in.data_ptr<int64_t>() : nullptr;
   const float* prev = discrete ? nullptr : dec_in.data_ptr<float>();
   float *outp = out.data_ptr<float>(), *valp = value.data_ptr<float>();
+  if (m.token_table()) token_forward(m, s);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> tmp(static_cast<size_t>(S * m.N * (m.E + m.O)));
+    const int64_t R = S * m.N;
+    std::vector<float> tmp(static_cast<size_t>(R * (2 * m.E + m.O)));
     for (int64_t c = c0; c < c1; ++c) {
       training_forward_chunk(m, s, op, tokens, prev, outp, valp, c * S, std::min(m.B, (c + 1) * S), tmp.data(),
-                             tmp.data() + S * m.N * m.E);
+                             tmp.data() + R * m.E, tmp.data() + R * (m.E + m.O));
     }
   });
   return {out, value, saved};
@@ -1626,7 +1801,8 @@ std::vector<Tensor> training_backward(const Tensor& dout_in, const Tensor& dvalu
   const int64_t T = m.B * m.N, S = samples_per_chunk(m.N), chunks = (m.B + S - 1) / S;
   const TSaved s = bind_saved(m, T, saved, false);
   const int64_t threads = at::get_num_threads();
-  Tensor grads = at::zeros({threads, m.P}, dout.options());
+  const int64_t width = m.buffer_floats();
+  Tensor grads = at::zeros({threads, width}, dout.options());
   const int64_t* tokens = discrete ? dec_in.data_ptr<int64_t>() : nullptr;
   const float* prev = discrete ? nullptr : dec_in.data_ptr<float>();
   const float *dop = dout.data_ptr<float>(), *dvp = dvalue.data_ptr<float>();
@@ -1634,13 +1810,14 @@ std::vector<Tensor> training_backward(const Tensor& dout_in, const Tensor& dvalu
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     const int64_t R = S * m.N;
     std::vector<float> work(static_cast<size_t>(8 * R * m.E));
-    float* G = gp + std::min<int64_t>(at::get_thread_num(), threads - 1) * m.P;
+    float* G = gp + std::min<int64_t>(at::get_thread_num(), threads - 1) * width;
     for (int64_t c = c0; c < c1; ++c) {
       training_backward_chunk(m, s, tokens, prev, dop, dvp, c * S, std::min(m.B, (c + 1) * S), G, work.data());
     }
   });
   const Tensor total = threads == 1 ? grads[0] : grads.sum(0);  // thread by thread, in order
   embedding_grads(m, total.data_ptr<float>());
+  if (m.token_table()) token_grads(m, s, total.data_ptr<float>());
   std::vector<Tensor> result;
   for (size_t i = 0; i < m.shapes.size(); ++i) {
     int64_t n = 1;
@@ -1685,6 +1862,13 @@ std::tuple<Tensor, Tensor, Tensor> add_layer_norm_forward(const Tensor&, const s
 }
 std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(const Tensor&, const Tensor&, const Tensor&, const Tensor&) {
   TORCH_CHECK(false, "layer_norm: needs an x86-64 build");
+}
+std::tuple<Tensor, Tensor, Tensor, Tensor> categorical_forward(const Tensor&, const Tensor&, const Tensor&) {
+  TORCH_CHECK(false, "categorical: needs an x86-64 build");
+}
+Tensor categorical_backward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                            const Tensor&) {
+  TORCH_CHECK(false, "categorical: needs an x86-64 build");
 }
 
 #endif
@@ -1785,6 +1969,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_layer_norm_forward", &fast::add_layer_norm_forward,
         "training LayerNorm(x (+ r)) over the last dim: x, r or None, w, b, keep -> y, xhat, rstd");
   m.def("layer_norm_backward", &fast::layer_norm_backward, "its backward: dy, xhat, rstd, w -> d(x + r), dw, db");
+  m.def("categorical_forward", &fast::categorical_forward,
+        "training masked categorical: logits, mask, actions -> log_prob, entropy, probs, log_probs");
+  m.def("categorical_backward", &fast::categorical_backward,
+        "its backward: d log_prob, d entropy, mask, actions, probs, log_probs, entropy -> d logits");
   m.def("training_forward", &fast::training_forward,
         "MAT's whole forward for the update: obs, tokens or previous actions, weights, n_block, n_head -> "
         "policy outputs, values, saved");
