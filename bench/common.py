@@ -187,6 +187,13 @@ def train_flops_per_token(s: ModelShape) -> float:
     return 3.0 * sum(parts.values()) - parts["obs_embed"]
 
 
+def token_table_flops_per_token(s: ModelShape) -> float:
+    """Training FLOPs per token that the C++ pass does not execute since the token table (89a2792): with
+    discrete actions the first decoder block's query/key/value Linear (E -> 3E) runs once per token value,
+    not per row, forward and both backward matmuls (csrc/decode.cpp `token_forward`, `token_grads`)."""
+    return 3.0 * 2.0 * s.n_embd * 3 * s.n_embd if s.discrete and s.n_block > 0 else 0.0
+
+
 def act_flops_per_token(s: ModelShape) -> float:
     """Acting with the cache: every token goes once through the encoder and the decoder."""
     return sum(forward_flops_per_token(s).values())

@@ -94,6 +94,8 @@ def test_flop_count_of_the_reference_model():
     assert parts["decoder"] == 10 * 2 * 64 * 64 + 2 * 4 * 2 * 64
     assert sum(parts.values()) == 163_456
     assert common.train_flops_per_token(shape) == 3 * 163_456 - 2 * 100 * 64
+    # the C++ pass's token table: the first decoder block's q/k/v Linear, forward and backward
+    assert common.token_table_flops_per_token(shape) == 3 * 2 * 64 * 192 == 73_728
 
 
 def test_before_after_script_runs_against_head(tmp_path):

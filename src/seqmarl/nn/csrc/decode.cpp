@@ -1123,7 +1123,7 @@ Tensor categorical_backward(const Tensor& g_lp_in, const Tensor& g_h_in, const T
 // @ 64 x 64) reach ~65% of what a register-blocked AVX2/FMA tile reaches on the same rows. Here the
 // encoder, the decoder and both heads run forward over chunks of ~128 token rows (whole samples, so
 // attention stays inside a chunk), keeping what the backward needs; the PPO loss is taken in Python
-// on the policy outputs and values (the PPO maths stays in one place, algos/ppo.py), and the backward
+// on the policy outputs and values (the PPO maths stays in one place, algos/ppo_losses.py), and the backward
 // runs chunk by chunk again, every weight gradient summed into per-thread buffers that are added up
 // in thread order at the end. Post-LayerNorm blocks (the reference's), any N, heads, blocks, discrete
 // or continuous actions; float32 on an x86-64 CPU with AVX2 and FMA. The same maths as the autograd
