@@ -166,12 +166,13 @@ def bench_row(
         return run
 
     fns = {"ours": update(*switches, fused_adam)}
+    per_layer = update(switches[0], switches[1], False, fused_adam)  # layer by layer, not one C++ pass
     if compare_attention:  # the same update with torch's attention kernel throughout
         fns["sdpa"] = update(False, switches[1], False, fused_adam)
     if compare_fused:  # ... with torch's GELU and LayerNorm
         fns["torch_fused"] = update(switches[0], False, False, fused_adam)
     if compare_pass:  # ... layer by layer through autograd, not as one C++ pass
-        fns["per_layer"] = update(switches[0], switches[1], False, fused_adam)
+        fns["per_layer"] = per_layer
     if loop_adam is not None:  # ... with torch's for-loop Adam
         fns["loop_adam"] = update(*switches, loop_adam)
     if ref is not None:
@@ -199,7 +200,7 @@ def bench_row(
     executed = (flops_per_token - skipped) * tokens / (update_ms / 1e3) / 1e9
     model_rate = common.model_shape_gflops(tokens, 64, device)
     # The aten matmuls are those of the per-layer pass: the C++ pass runs its own (no aten op to time).
-    split = op_split(update(switches[0], switches[1], False, fused_adam), device) if ops else {}
+    split = op_split(per_layer, device) if ops else {}
     matmul_rate = split["matmul_flops"] / split["matmul_ms"] / 1e6 if split else None
     if split:
         top = sorted(split["op_ms"].items(), key=lambda kv: -kv[1])[:6]

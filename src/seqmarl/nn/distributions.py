@@ -67,8 +67,7 @@ class _MaskedCategorical(torch.autograd.Function):
     def backward(ctx, grad_log_prob, grad_entropy):
         mask, actions, entropy = ctx.saved_tensors
         probs, log_probs = ctx.kept
-        module = ctx.module
-        grad = module.categorical_backward(
+        grad = ctx.module.categorical_backward(
             grad_log_prob, grad_entropy, mask, actions, probs, log_probs, entropy
         )
         return grad, None, None, None

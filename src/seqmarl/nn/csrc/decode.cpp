@@ -1142,6 +1142,15 @@ FAST void gelu_and_slope(const float* x, float* y, float* slope, int64_t n) {
   for (; i < n; ++i) slope[i] = gelu_slope1(x[i], y + i);
 }
 
+// Rows indexed by token: out row r = table row idx[r] (gather_rows), table row idx[r] += x row r
+// (scatter_add_rows, in row order); rows of `width` floats.
+FAST void gather_rows(const float* table, const int64_t* idx, int64_t R, int64_t width, float* out) {
+  for (int64_t r = 0; r < R; ++r) std::memcpy(out + r * width, table + idx[r] * width, sizeof(float) * width);
+}
+FAST void scatter_add_rows(const float* x, const int64_t* idx, int64_t R, int64_t width, float* table) {
+  for (int64_t r = 0; r < R; ++r) add_rows(table + idx[r] * width, x + r * width, width);
+}
+
 FAST void mul_rows(const float* x, const float* y, float* out, int64_t n) {  // out = x * y over n floats
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
@@ -1546,11 +1555,11 @@ FAST void training_forward_chunk(const TModel& m, const TSaved& all, const float
   // decoder input: the start token and the previous agents' actions, embedded -> GELU -> LayerNorm
   const float* y;
   if (m.token_table()) {  // rows of token_forward's
-    for (int64_t r = 0; r < R; ++r) std::memcpy(y0 + r * E, all.tokens.out + tokens[t0 + r] * E, sizeof(float) * E);
+    gather_rows(all.tokens.out, tokens + t0, R, E, y0);
     y = y0;
   } else {
     if (m.discrete) {
-      for (int64_t r = 0; r < R; ++r) std::memcpy(tmp + r * E, m.table + tokens[t0 + r] * E, sizeof(float) * E);
+      gather_rows(m.table, tokens + t0, R, E, tmp);
     } else {
       t_forward(m.a_embed, prev + t0 * A, A, R, tmp, E);
     }
@@ -1564,9 +1573,7 @@ FAST void training_forward_chunk(const TModel& m, const TSaved& all, const float
     const TAttentionSaved self = d.self.at(t0, E, HN);
     float *cq = d.cq + t0 * E, *ckv = d.ckv + t0 * 2 * E, *catt = d.catt + t0 * E, *y2 = d.y2 + t0 * E;
     if (k == 0 && m.token_table()) {
-      for (int64_t r = 0; r < R; ++r) {
-        std::memcpy(self.qkv + r * 3 * E, all.tok_qkv + tokens[t0 + r] * 3 * E, sizeof(float) * 3 * E);
-      }
+      gather_rows(all.tok_qkv, tokens + t0, R, 3 * E, self.qkv);
       attend_project_norm(b.self, y, self, true, c, tmp);
     } else {
       attention_forward_rows(b.self, y, self, true, c, tmp);
@@ -1632,10 +1639,8 @@ FAST void training_backward_chunk(const TModel& m, const TSaved& all, const int6
     t_input_grad(b.ckv, wide, 2 * E, R, false, dy, E);  // dy: d y1
     if (k == 0 && m.token_table()) {  // summed per token value; token_grads does the rest
       attention_backward_to_qkv(b.self, self, true, dy, ds, c, tmp, wide, dp.data(), G);
-      for (int64_t r = 0; r < R; ++r) {
-        add_rows(G + m.g_tok_qkv() + tokens[t0 + r] * 3 * E, wide + r * 3 * E, 3 * E);
-        add_rows(G + m.g_tok_x() + tokens[t0 + r] * E, ds + r * E, E);
-      }
+      scatter_add_rows(wide, tokens + t0, R, 3 * E, G + m.g_tok_qkv());
+      scatter_add_rows(ds, tokens + t0, R, E, G + m.g_tok_x());
     } else {
       attention_backward_rows(b.self, y_in, self, true, dy, ds, c, tmp, wide, dp.data(), G);  // ds: d y_in
     }
@@ -1645,7 +1650,7 @@ FAST void training_backward_chunk(const TModel& m, const TSaved& all, const int6
   if (!m.token_table()) {
     gelu_norm_backward(m.dec_ln, tok, dy, ds, c, G);
     if (m.discrete) {
-      for (int64_t r = 0; r < R; ++r) add_rows(G + m.g_table + tokens[t0 + r] * E, ds + r * E, E);
+      scatter_add_rows(ds, tokens + t0, R, E, G + m.g_table);
     } else {
       t_weight_grad(m.a_embed, ds, E, prev + t0 * A, A, R, G);
     }
