@@ -1,6 +1,6 @@
 """The PPO update (bench/update.py's: 3200 samples x N agents, discrete, one minibatch) with this
-checkout's csrc/decode.cpp against a build of an earlier one (and torch's ops for the masked categorical,
-which the earlier build has no loops for), alternating call by call in one process
+checkout's csrc/decode.cpp against a build of an earlier one (with torch's ops for the masked categorical
+when that build has no loops for it), alternating call by call in one process
 (the machine's speed drifts by ~20% within minutes); the update's outputs are compared too.
 
     git show COMMIT:src/seqmarl/nn/csrc/decode.cpp > /tmp/old_decode.cpp
@@ -41,9 +41,10 @@ for N in [int(n) for n in sys.argv[3:]] or [3, 27]:
     times = {"old": [], "new": []}
     for round_ in range(14):
         for name, module in (("old", old), ("new", new)):
-            # The old build has no categorical loops: torch's ops there, as before (the whole pass does
-            # not read this switch).
-            cpp_decode._module, cpp_decode.use_training_fused = module, name == "new"
+            # A build without categorical loops (before 89a2792) takes torch's ops, as it did (the whole
+            # pass does not read this switch).
+            cpp_decode._module = module
+            cpp_decode.use_training_fused = hasattr(module, "categorical_forward")
             start = time.perf_counter()
             algos[name].update(batch, 5e-4, gens[name])
             if round_ >= 2:
