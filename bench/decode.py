@@ -8,7 +8,9 @@ The outputs must agree: identical discrete actions, and log-probs / continuous a
 (float32 rounding: the paths multiply matrices of different shapes).
 The cached loop is the C++ one (csrc/decode.cpp) when it builds; the same loop in Python is timed
 beside it ("C++ gain") and must give the same actions. Where the fused CPU loop runs (x86-64 with
-AVX2/FMA), the C++ loop of ATen ops it replaces is timed too ("fused gain").
+AVX2/FMA), the C++ loop of ATen ops it replaces is timed too ("fused gain"). On a GPU, the call the
+rollout makes (torch's default generator) is timed as a CUDA graph replay too ("graph gain";
+nn/cuda_graph.py), and its greedy outputs must be the eager call's.
 
     python bench/decode.py [--quick] [--json OUT] [--baseline FILE] [--decode auto|cpp|python]
 
@@ -95,6 +97,19 @@ def bench_row(
         finally:
             cpp_decode.use_fused_loop = True
         row["fused_gain"] = row["aten_cached_ms"] / cached_ms
+    if device.type == "cuda" and model.config.cuda_graphs:
+        # The call the rollout makes (torch's default generator), replayed from a CUDA graph; its greedy
+        # actions must be the eager call's.
+        row["graph_ms"] = common.time_ms(lambda: model.act(obs, mask), device, repeats)
+        row["graph_gain"] = cached_ms / row["graph_ms"]
+        graphed = model.act(obs, mask, True)
+        model.config = dataclasses.replace(model.config, cuda_graphs=False)
+        eager = model.act(obs, mask, True)
+        model.config = dataclasses.replace(model.config, cuda_graphs=True)
+        row["graph_same_greedy"] = bool(
+            (graphed.actions - eager.actions).abs().max() <= TOLERANCE
+            and (graphed.log_prob - eager.log_prob).abs().max() <= TOLERANCE
+        )
     if uncached:
         # The slow paths are timed fewer times (at N=256 one call takes seconds), warmed up where cheap.
         slow_repeats, slow_warmup = max(1, repeats // 5), int(N <= 64)
@@ -112,8 +127,9 @@ def bench_row(
             row["max_action_diff"] = max(float((a.actions - x.actions).abs().max()) for x in (b, c))
             row["actions_equal"] = row["max_action_diff"] <= TOLERANCE
         row["outputs_match"] = row["actions_equal"] and row["max_log_prob_diff"] <= TOLERANCE
-    if "python_same_actions" in row:
-        row["outputs_match"] = row.get("outputs_match", True) and row["python_same_actions"]
+    for check in ("python_same_actions", "graph_same_greedy"):
+        if check in row:
+            row["outputs_match"] = row.get("outputs_match", True) and row[check]
     return row
 
 
@@ -168,6 +184,8 @@ def main() -> int:
             ("cpp_gain", "C++ gain", ".1f"),
             ("aten_cached_ms", "C++ ATen loop ms", ".2f"),
             ("fused_gain", "fused gain", ".1f"),
+            ("graph_ms", "CUDA graph ms", ".2f"),
+            ("graph_gain", "graph gain", ".1f"),
             ("uncached_ms", "uncached ms", ".1f"),
             ("speedup", "speedup", ".1f"),
             ("sequence_ms", "whole-sequence ms", ".1f"),

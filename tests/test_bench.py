@@ -46,6 +46,7 @@ def run_script(name: str, *argv: str, timeout: float = 120) -> subprocess.Comple
         ("train.py", [], ["steps_per_s", "steps_per_cpu_s", "bound_steps_per_s", "fraction_of_bound"]),
         ("train.py", ["--algo", "mappo"], ["steps_per_s", "env_fraction", "update_fraction"]),
         ("env_step.py", ["--envs", "4"], ["env_steps_per_s", "speedup", "identical_records"]),
+        ("smax_step.py", ["--envs", "4", "--tasks", "3m"], ["env_steps_per_s", "same_as_cpu"]),
     ],
 )
 def test_script_runs_and_compares_with_its_own_baseline(script, flags, required, tmp_path):
@@ -66,6 +67,9 @@ def test_script_runs_and_compares_with_its_own_baseline(script, flags, required,
         assert payload["rows"][0]["bound_steps_per_s"] is None
     if script == "env_step.py":
         assert all(row["identical_records"] for row in payload["rows"])
+    if script == "smax_step.py":  # jax's CPU device is always timed; a GPU too where jax sees one
+        assert payload["rows"][0]["name"] == "3m/envs=4/cpu"
+        assert all(row["same_as_cpu"] for row in payload["rows"])
 
 
 def test_baseline_comparison_flags_a_slowdown_over_10_percent(tmp_path, capsys):

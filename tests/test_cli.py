@@ -31,6 +31,11 @@ BAD_INPUTS = [
     (["launch"], "invalid choice: 'launch'"),
     (["train", "--algo", "qmix", "--env", "mamujoco:HalfCheetah-6x1"], "qmix supports discrete actions only"),
     (["train", "--algo", "qmix", "--set", "qmix.td_lambda=2"], "qmix.td_lambda must be in [0, 1]"),
+    (["train", "--set", "env.sim_device=tpu"], "env.sim_device must be 'cpu' or 'gpu', not 'tpu'"),
+    (
+        ["train", "--env", "mamujoco:HalfCheetah-6x1", "--set", "env.sim_device=gpu", "--steps", "100"],
+        "env.sim_device='gpu': mamujoco runs on cpu only",
+    ),
 ]
 
 

@@ -175,6 +175,17 @@ def test_bad_inputs(env):
         env.step(torch.zeros(E, N + 1, dtype=torch.long))
 
 
+def test_a_gpu_simulator_without_a_jax_gpu_is_a_user_error():
+    """env.sim_device=gpu where jax has no GPU (CI, this project's machines); tests/test_cuda.py runs SMAX on
+    jax's GPU where there is one."""
+    import jax
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("jax sees a GPU here: tests/test_cuda.py covers env.sim_device=gpu")
+    with pytest.raises(UserError, match="env.sim_device=gpu, but jax sees no GPU"):
+        make_vector_env("smax:3m", 2, 0, sim_device="gpu")
+
+
 def test_missing_jaxmarl_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "jaxmarl", None)  # makes `import jaxmarl` fail as if not installed
     with pytest.raises(MissingExtraError, match=r"pip install 'seqmarl\[smax\]'"):

@@ -123,7 +123,7 @@ def evaluate_checkpoint(
 
     payload = load_checkpoint(checkpoint)
     config = config_from_dict(payload["config"])
-    envs = make_vector_env(config.env.name, min(config.env.eval_envs, episodes), seed=seed)
+    envs = make_vector_env(config.env.name, min(config.env.eval_envs, episodes), seed, config.env.sim_device)
     try:
         algorithm = make_algorithm(config.algo, envs.spec, config, device)
         algorithm.load_state_dict(payload["algorithm"])

@@ -151,8 +151,9 @@ def _run(config: TrainConfig, run_dir: Path, checkpoint: dict[str, Any] | None) 
     malloc = keep_freed_memory()
     device = select_device(run.device)
     seed_everything(run.seed)
-    envs = make_vector_env(config.env.name, config.env.num_envs, seed=run.seed)
-    eval_envs = make_vector_env(config.env.name, config.env.eval_envs, seed=run.seed + EVAL_SEED_OFFSET)
+    where = config.env.sim_device
+    envs = make_vector_env(config.env.name, config.env.num_envs, run.seed, where)
+    eval_envs = make_vector_env(config.env.name, config.env.eval_envs, run.seed + EVAL_SEED_OFFSET, where)
     spec = envs.spec
     algorithm = make_algorithm(config.algo, spec, config, device)
 

@@ -37,6 +37,7 @@ class MATAlgorithm(PPOAlgorithm):
             "train_attention": cpp_decode.attention_name(mode, self.device),
             "train_fused": cpp_decode.fused_name(mode, self.device),
             "train_pass": whole_pass,
+            "act_cuda_graphs": str(self.device.type == "cuda" and self.model.config.cuda_graphs).lower(),
         }
 
     def _act(self, obs, state, mask, deterministic) -> ActOutput:  # the global state is not used

@@ -7,7 +7,8 @@ All E environments step in one jitted, vmapped call that also splits the PRNG ke
 bookkeeping and resets finished episodes, so Python touches the simulator once per step. We call
 `step_env` (no auto-reset) rather than `step`, because JaxMARL's auto-reset throws away the last
 observation of a finished episode, which we need to bootstrap the value when an episode is cut by the
-time limit. Outputs reach torch through DLPack without a copy.
+time limit. Outputs reach torch through DLPack without a copy (with `sim_device="gpu"`, SMAX on jax's
+GPU, they are copied to host memory in one `jax.device_get` per step).
 
 Episode ends: SMAX ends an episode when one side is wiped out or when its step counter reaches
 `max_steps` (100) *before* counting the current step, so an undecided battle lasts max_steps + 1 (101)
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -49,6 +51,9 @@ def _make_smax(task: str, max_steps: int | None) -> Any:
     # let the chatter through. So during the import the "originals" are a sink and the current stderr.
     saved = sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__
     sink = io.StringIO()
+    # On a GPU machine jax would take 75% of the GPU's memory at its first op, beside torch's model on the
+    # same GPU; allocate as needed instead (read when jax starts its backend; a user's setting stands).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     try:
         sys.stdout = sys.__stdout__ = sink
         sys.__stderr__ = saved[1]
@@ -170,8 +175,13 @@ def build_functions(env: Any, num_envs: int) -> tuple[Callable, Callable]:
     return reset, step
 
 
-def _to_record(arrays: dict[str, Any]) -> StepRecord:
-    tensors = {name: torch.from_dlpack(array) for name, array in arrays.items()}  # zero-copy views
+def _to_record(arrays: dict[str, Any], on_host: bool = True) -> StepRecord:
+    if on_host:
+        tensors = {name: torch.from_dlpack(array) for name, array in arrays.items()}  # zero-copy views
+    else:  # a GPU simulator: one transfer of every field to host memory (np.array: writable copies)
+        import jax
+
+        tensors = {name: torch.from_numpy(np.array(a)) for name, a in jax.device_get(arrays).items()}
     # jax keeps 32-bit integers unless x64 is switched on globally; StepRecord promises int64 (E values).
     tensors["episode_length"] = tensors["episode_length"].long()
     # The adapter never discards an episode; only the guard does, when it restarts the simulator.
@@ -193,11 +203,14 @@ class SmaxVectorEnv:
     """E copies of one SMAX map. The constructor already resets with `seed`, so `step` works at once.
 
     The whole vector's randomness comes from one PRNG key made from the reset seed, so the same seed and
-    the same actions give the same trajectory. Returned tensors are views of jax buffers: read them or
-    copy them, but do not write into them.
+    the same actions give the same trajectory (on one device: jax's GPU rounds differently). Returned
+    tensors are views of jax buffers (host copies for a GPU simulator): read them or copy them, but do not
+    write into them.
     """
 
-    def __init__(self, task: str, num_envs: int, seed: int, max_steps: int | None = None):
+    def __init__(
+        self, task: str, num_envs: int, seed: int, max_steps: int | None = None, sim_device: str = "cpu"
+    ):
         # max_steps overrides SMAX's step limit (100); the tests use it to reach time limits quickly.
         env = _make_smax(task, max_steps)
         import jax
@@ -217,12 +230,28 @@ class SmaxVectorEnv:
             has_win=True,
         )
         self._reset, self._step = _compiled_functions(task, num_envs, max_steps)
+        # The simulator runs on jax's CPU device, even where jax sees a GPU, unless sim_device="gpu" asks for
+        # jax's GPU (large maps; EnvConfig.sim_device). Records are CPU tensors either way (the VectorEnv
+        # contract, seqmarl/types.py): the rollout copies them to the model's device once.
+        if sim_device == "gpu":
+            if jax.default_backend() != "gpu":
+                raise UserError(
+                    f"env.sim_device=gpu, but jax sees no GPU (its backend: {jax.default_backend()!r}); "
+                    "install a CUDA build of jax, or use env.sim_device=cpu"
+                )
+            self._device = jax.devices("gpu")[0]
+        elif sim_device == "cpu":
+            self._device = jax.devices("cpu")[0]
+        else:
+            raise UserError(f"SMAX's sim_device must be 'cpu' or 'gpu', got {sim_device!r}")
+        self._on_host = sim_device == "cpu"
         self._carry: Carry | None = None
         self.reset(seed)
 
     def reset(self, seed: int) -> StepRecord:
-        self._carry, arrays = self._reset(self._jax.random.PRNGKey(seed))
-        return _to_record(arrays)
+        with self._jax.default_device(self._device):
+            self._carry, arrays = self._reset(self._jax.random.PRNGKey(seed))
+        return _to_record(arrays, self._on_host)
 
     def step(self, actions: torch.Tensor) -> StepRecord:
         if self._carry is None:
@@ -233,8 +262,9 @@ class SmaxVectorEnv:
         # A (E, N) int32 array is a few hundred bytes: handing jit a numpy array (~25 us) beats a DLPack
         # exchange (~40 us, it needs a torch int32 copy first anyway).
         numpy_actions = actions.detach().cpu().numpy().astype(np.int32)
-        self._carry, arrays = self._step(self._carry, numpy_actions)
-        return _to_record(arrays)
+        with self._jax.default_device(self._device):
+            self._carry, arrays = self._step(self._carry, numpy_actions)
+        return _to_record(arrays, self._on_host)
 
     def get_state(self) -> dict[str, Any]:
         """Everything the vector needs to continue exactly: the carry's leaves (PRNG key, every env's
@@ -273,13 +303,19 @@ class SmaxVectorEnv:
                     f"saved SMAX state leaf {array.dtype}{array.shape} != {current.dtype}{current.shape}"
                 )
             # jnp.asarray of a numpy array has a strong dtype, like the carry the jitted step was compiled
-            # for, so restoring never triggers a recompile (checked by the adapter's tests).
-            leaves.append(self._jax.numpy.asarray(array))
+            # for, and lands uncommitted on the default device set below, as reset's outputs do (device_put
+            # to a device would commit it: another jit cache key), so restoring never recompiles (the
+            # adapter's tests, after the resume tests in one process).
+            with self._jax.default_device(self._device):
+                leaves.append(self._jax.numpy.asarray(array))
         self._carry = self._jax.tree.unflatten(self._jax.tree.structure(self._carry), leaves)
 
     def close(self) -> None:
         self._carry = None
 
 
-def make_vector_env(task: str, num_envs: int, seed: int) -> SmaxVectorEnv:
-    return SmaxVectorEnv(task, num_envs, seed)
+SIM_DEVICES = ("cpu", "gpu")  # envs/registry.py: where this simulator can run (EnvConfig.sim_device)
+
+
+def make_vector_env(task: str, num_envs: int, seed: int, sim_device: str = "cpu") -> SmaxVectorEnv:
+    return SmaxVectorEnv(task, num_envs, seed, sim_device=sim_device)

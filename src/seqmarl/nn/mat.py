@@ -31,6 +31,7 @@ from torch import nn
 
 from seqmarl.nn import cpp_decode
 from seqmarl.nn import distributions as dist
+from seqmarl.nn.cuda_graph import GraphedCall
 from seqmarl.nn.layers import MLP, RELU_GAIN, SMALL_GAIN, Attention, add_layer_norm, gelu, init_linear
 from seqmarl.types import ActOutput, ContinuousActions, DiscreteActions, EnvSpec, EvalOutput
 
@@ -46,6 +47,7 @@ class MATConfig:
     std_init: float = 1.0  # continuous only: initial pre-sigmoid std parameter (reference: 1)
     std_scale: float = 0.5  # continuous only: std = sigmoid(param) * std_scale (reference: 0.5)
     decode: str = "auto"  # cached decode loop: "cpp", "python", or "auto" (cpp if it builds); see cpp_decode
+    cuda_graphs: bool = True  # on a GPU, MAT's act() replays a CUDA graph per batch shape (nn/cuda_graph.py)
 
     def __post_init__(self) -> None:
         cpp_decode.check_mode(self.decode)
@@ -295,6 +297,7 @@ class MultiAgentTransformer(EncoderMixin, nn.Module):
         self.dec_blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.n_block))
         self.dec_ln_final = nn.LayerNorm(E) if config.pre_norm else nn.Identity()
         self.policy_head = Head(E, A, config.decode)
+        self._act_graphs = GraphedCall("MAT's act")
         cpp_decode.extension(config.decode)  # build or load it now, not in the middle of a rollout
 
     def encode(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -409,7 +412,32 @@ class MultiAgentTransformer(EncoderMixin, nn.Module):
         irrelevant; they only cost time). Kept for the equivalence tests and bench/decode.py. All the
         sampling noise is drawn before the first agent acts, so every path consumes the same draws and
         gives the same actions.
+
+        On a GPU with `config.cuda_graphs`, the cached call with torch's default generator replays a CUDA
+        graph recorded per batch shape (nn/cuda_graph.py: same maths; its draws advance per replay).
         """
+        if self.config.cuda_graphs and obs.is_cuda and generator is None and use_cache:
+            params = list(self.parameters())
+            actions, log_prob, value = self._act_graphs(
+                self._act_tensors, params, [obs, action_mask], (deterministic,)
+            )
+            return ActOutput(actions=actions, log_prob=log_prob, value=value)
+        return self._act_eager(obs, action_mask, deterministic, generator, use_cache, whole_sequence)
+
+    def _act_tensors(self, obs: torch.Tensor, action_mask: torch.Tensor, deterministic: bool) -> tuple:
+        """What a CUDA graph records: the cached call with the default generator, as a tuple of tensors."""
+        out = self._act_eager(obs, action_mask, deterministic)
+        return out.actions, out.log_prob, out.value
+
+    def _act_eager(
+        self,
+        obs: torch.Tensor,
+        action_mask: torch.Tensor,
+        deterministic: bool,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+        whole_sequence: bool = False,
+    ) -> ActOutput:
         B, N, _ = obs.shape
         rep, value = self.encode(obs)  # (B, N, E), (B, N)
         shape = (B, N, self.action_width)

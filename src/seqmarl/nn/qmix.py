@@ -48,7 +48,9 @@ class RecurrentQAgent(nn.Module):
         B, L, N, _ = inputs.shape
         x = F.relu(self.embed(inputs))  # (B, L, N, H)
         x = x.transpose(1, 2).reshape(B * N, L, self.hidden)  # (B*N, L, H): one sequence per agent
-        h0 = hidden.reshape(1, B * N, self.hidden)  # (1, B*N, H)
+        # contiguous: cuDNN's GRU refuses a strided hidden state (an expanded initial one, say); the CPU
+        # kernel takes it, so only the GPU showed it (tests/test_cuda.py)
+        h0 = hidden.reshape(1, B * N, self.hidden).contiguous()  # (1, B*N, H)
         y, h = self.gru(x, h0)  # (B*N, L, H), (1, B*N, H)
         q = self.q(y).view(B, N, L, -1).transpose(1, 2)  # (B, L, N, A)
         return q, h.view(B, N, self.hidden)
