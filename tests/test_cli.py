@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from seqmarl.checkpoint import checkpoint_files, load_checkpoint
+from seqmarl.checkpoint import atomic_save, checkpoint_files, load_checkpoint
 from seqmarl.cli import main
 
 BAD_INPUTS = [
@@ -124,6 +124,12 @@ def test_train_eval_plot_smoke(env, steps, tmp_path, capsys, monkeypatch):
     if env.startswith("smax"):  # battle tasks say how the lost battles ended
         assert "with every agent dead" in out and "at the time limit" in out
         assert all(0 <= alive <= 3 for alive in episodes["survivors"])
+        # a run trained with SMAX on jax's GPU is evaluated on the CPU simulator with --device cpu
+        payload = load_checkpoint(run_dir / "best.pt")
+        payload["config"]["env"]["sim_device"] = "gpu"
+        atomic_save(payload, tmp_path / "gpu_sim.pt")
+        assert main(["eval", str(tmp_path / "gpu_sim.pt"), "--episodes", "2", "--device", "cpu"]) == 0
+        assert "eval/episodic_return" in capsys.readouterr().out
     assert main(["plot", str(run_dir), "--out", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").stat().st_size > 1000
 

@@ -123,7 +123,11 @@ def evaluate_checkpoint(
 
     payload = load_checkpoint(checkpoint)
     config = config_from_dict(payload["config"])
-    envs = make_vector_env(config.env.name, min(config.env.eval_envs, episodes), seed, config.env.sim_device)
+    # A run whose simulator ran on jax's GPU (env.sim_device=gpu) is evaluated with the CPU simulator when
+    # the policy is evaluated on the CPU (`--device cpu`, a machine without a GPU): the simulator's device
+    # changes its rounding only.
+    sim_device = config.env.sim_device if device.type == "cuda" else "cpu"
+    envs = make_vector_env(config.env.name, min(config.env.eval_envs, episodes), seed, sim_device)
     try:
         algorithm = make_algorithm(config.algo, envs.spec, config, device)
         algorithm.load_state_dict(payload["algorithm"])
