@@ -8,8 +8,9 @@ What a replay reads, and so when a recorded graph is still valid:
 - the input tensors are copied into the graph's own input buffers before each replay;
 - the weights are read where they lie: in-place changes (the optimiser's step, `load_state_dict` into the
   same tensors) are seen by the next replay, but a parameter moved to new memory (`.to()`, `p.data = ...`,
-  `load_state_dict(assign=True)`) is not. The key therefore holds every parameter's address, so such a
-  change records a new graph instead of replaying a stale one;
+  `load_state_dict(assign=True)`) is not. The key therefore holds every parameter's (and buffer's)
+  address, so such a change records a new graph instead of replaying a stale one (and a graph whose
+  addresses all hold the current tensors again reads them correctly);
 - random draws come from torch's default CUDA generator, which advances on every replay (graph-safe
   Philox offsets): a seeded run repeats, but its draws differ from the eager call's.
 The outputs are copied out of the graph's buffers, which the next replay overwrites.

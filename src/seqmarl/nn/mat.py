@@ -417,7 +417,7 @@ class MultiAgentTransformer(EncoderMixin, nn.Module):
         graph recorded per batch shape (nn/cuda_graph.py: same maths; its draws advance per replay).
         """
         if self.config.cuda_graphs and obs.is_cuda and generator is None and use_cache:
-            params = list(self.parameters())
+            params = [*self.parameters(), *self.buffers()]  # what a replay reads where it lies
             actions, log_prob, value = self._act_graphs(
                 self._act_tensors, params, [obs, action_mask], (deterministic,)
             )
