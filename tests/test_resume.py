@@ -201,8 +201,6 @@ def kill_five_times_and_finish(tmp_path: Path, run_dir: Path, chooser: random.Ra
     command = cli_train(tmp_path, run_dir.name, KILLED_STEPS)
     kills = 0
     while kills < 5:
-        if (run_dir / "result.json").exists():  # the last kill came after the run had finished
-            return False
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         # wait for 0-2 new metric rows, then a random part of an iteration more, then SIGKILL
         wanted = rows_written(run_dir / "metrics.csv") + chooser.randint(0, 2)
@@ -218,10 +216,10 @@ def kill_five_times_and_finish(tmp_path: Path, run_dir: Path, chooser: random.Ra
         process.send_signal(signal.SIGKILL)
         process.wait()
         kills += 1
+        if (run_dir / "result.json").exists():  # the kill came after the run had finished
+            return False
         if (run_dir / "config.yaml").exists():  # killed before that: the first command again
             command = [sys.executable, "-m", "seqmarl.cli", "train", "--resume", str(run_dir)]
-    if (run_dir / "result.json").exists():
-        return False
     process = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert process.returncode == 0, process.stderr
     return (run_dir / "result.json").exists()

@@ -244,14 +244,13 @@ class SmaxVectorEnv:
             self._device = jax.devices("cpu")[0]
         else:
             raise UserError(f"SMAX's sim_device must be 'cpu' or 'gpu', got {sim_device!r}")
-        self._on_host = sim_device == "cpu"
         self._carry: Carry | None = None
         self.reset(seed)
 
     def reset(self, seed: int) -> StepRecord:
         with self._jax.default_device(self._device):
             self._carry, arrays = self._reset(self._jax.random.PRNGKey(seed))
-        return _to_record(arrays, self._on_host)
+        return _to_record(arrays, self._device.platform == "cpu")
 
     def step(self, actions: torch.Tensor) -> StepRecord:
         if self._carry is None:
@@ -264,7 +263,7 @@ class SmaxVectorEnv:
         numpy_actions = actions.detach().cpu().numpy().astype(np.int32)
         with self._jax.default_device(self._device):
             self._carry, arrays = self._step(self._carry, numpy_actions)
-        return _to_record(arrays, self._on_host)
+        return _to_record(arrays, self._device.platform == "cpu")
 
     def get_state(self) -> dict[str, Any]:
         """Everything the vector needs to continue exactly: the carry's leaves (PRNG key, every env's
