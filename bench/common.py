@@ -129,25 +129,63 @@ MATMUL_SAMPLES = 3  # the rate is the best of this many medians: a sample taken 
 # limit the update is compared with, so the highest reading is the one to compare against.
 
 
-def matmul_gflops(m: int, k: int, n: int, device: torch.device, seconds: float | None = None) -> float:
+def matmul_gflops(
+    m: int,
+    k: int,
+    n: int,
+    device: torch.device,
+    seconds: float | None = None,
+    samples: int = MATMUL_SAMPLES,
+    repeats: int | None = None,
+) -> float:
     """Achieved GFLOP/s of (m x k) @ (k x n) in float32, timed for about `seconds` in all: the best of
-    MATMUL_SAMPLES median rates."""
+    `samples` median rates (`repeats` calls each; default: as many as `seconds` allows)."""
     a = torch.randn(m, k, device=device)
     b = torch.randn(k, n, device=device)
     out = torch.empty(m, n, device=device)
     flops = 2.0 * m * n * k
-    once = time_ms(lambda: torch.mm(a, b, out=out), device, repeats=3) / 1e3
-    repeats = max(3, int((seconds or MATMUL_SECONDS) / MATMUL_SAMPLES / max(once, 1e-6)))
-    best_ms = min(time_ms(lambda: torch.mm(a, b, out=out), device, repeats) for _ in range(MATMUL_SAMPLES))
+    if repeats is None:
+        once = time_ms(lambda: torch.mm(a, b, out=out), device, repeats=3) / 1e3
+        repeats = max(3, int((seconds or MATMUL_SECONDS) / samples / max(once, 1e-6)))
+    best_ms = min(time_ms(lambda: torch.mm(a, b, out=out), device, repeats) for _ in range(samples))
     return flops / (best_ms / 1e3) / 1e9
 
 
-def model_shape_gflops(tokens: int, width: int, device: torch.device, seconds: float | None = None) -> float:
+def model_shape_gflops(
+    tokens: int,
+    width: int,
+    device: torch.device,
+    seconds: float | None = None,
+    samples: int = MATMUL_SAMPLES,
+    repeats: int | None = None,
+) -> float:
     """The rate of the model's own matmuls: a (tokens x E) @ (E x E) forward, its input gradient (same
     shape) and its weight gradient (E x tokens) @ (tokens x E), one of each; total FLOPs / total time."""
-    forward = matmul_gflops(tokens, width, width, device, seconds)
-    weight_grad = matmul_gflops(width, tokens, width, device, seconds)
+    forward = matmul_gflops(tokens, width, width, device, seconds, samples, repeats)
+    weight_grad = matmul_gflops(width, tokens, width, device, seconds, samples, repeats)
     return 3.0 / (2.0 / forward + 1.0 / weight_grad)
+
+
+def interleaved_fraction(
+    fn: Callable[[], Any], flops: float, tokens: int, width: int, device: torch.device, rounds: int
+) -> tuple[float, float]:
+    """`fn` (doing `flops` FLOPs) and the model-shape matmuls of `model_shape_gflops` timed in turn, round
+    by round: each round times one call of `fn`, then each matmul shape three times (the median). Per
+    round the fraction is fn's achieved rate over that round's model-shape rate, so both sides see the
+    same phase of the machine, whose speed drifts by 15-35% within minutes (docs/performance.md).
+    Returns the median fraction and the median model-shape rate. One round first, not counted."""
+    fractions, rates = [], []
+    for round_ in range(rounds + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        rate = model_shape_gflops(tokens, width, device, samples=1, repeats=3)
+        if round_ > 0:
+            fractions.append(flops / seconds / 1e9 / rate)
+            rates.append(rate)
+    return statistics.median(fractions), statistics.median(rates)
 
 
 def square_gflops(device: torch.device, size: int = 2048, seconds: float | None = None) -> float:

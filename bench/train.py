@@ -19,11 +19,17 @@ evaluates only before the first iteration and in the last one, both outside the 
 
 Compute bound: the model FLOPs of one env step are N tokens x (one forward pass with the cache while
 acting + epochs x forward/backward in the update) (bench/common.py gives the per-token counts); the
-bound is the matmul rate measured in this run at the update's shapes divided by that.
+bound is the matmul rate measured in this run at the update's shapes divided by that. That rate is
+measured twice: after training, as the best of three readings (`common.model_shape_gflops`), and for
+MAT between every two iterations (the forward and weight-gradient shapes three times each, ~ms; its
+time is taken out of the iteration it fell in), so that each iteration's fraction of the bound compares
+it with the rate of the same phase of the machine, whose speed drifts by 15-35% within minutes; the
+"interleaved" column is the median of those fractions.
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 import tempfile
 import time
@@ -49,6 +55,8 @@ class Profile:
         self.starts: list[float] = []
         self.cpu_starts: list[float] = []  # process CPU time (all threads, user + system)
         self.in_collect = False
+        # Matmul-rate probes run just before iterations 1, 2, ...: (GFLOP/s, wall s, CPU s) each.
+        self.probes: list[tuple[float, float, float]] = []
 
     def begin_iteration(self) -> None:
         self.starts.append(time.perf_counter())
@@ -67,11 +75,17 @@ class Profile:
 
         return wrapper
 
+    def iteration_wall(self, i: int) -> float:
+        """Wall seconds of iteration i, less the rate probe that ran at its end (before iteration i + 1)."""
+        probe = self.probes[i][1] if i < len(self.probes) else 0.0
+        return self.starts[i + 1] - self.starts[i] - probe
+
     def split(self, first: int, last: int) -> tuple[float, float, dict[str, float]]:
         """Wall seconds and process CPU seconds of iterations [first, last), and the wall seconds of
-        each phase within them."""
+        each phase within them (the rate probes between them left out)."""
         totals = dict.fromkeys(PHASES, 0.0)
-        wall = self.starts[last] - self.starts[first]
+        wall = sum(self.iteration_wall(i) for i in range(first, last))
+        cpu = self.cpu_starts[last] - self.cpu_starts[first] - sum(p[2] for p in self.probes[first:last])
         for t in self.iterations[first:last]:
             collect = t["collect"]
             totals["env"] += t["env_in_collect"]
@@ -80,11 +94,20 @@ class Profile:
             totals["gae"] += t["gae"]
             totals["update"] += t["update"]
         totals["other"] = wall - sum(totals.values())
-        return wall, self.cpu_starts[last] - self.cpu_starts[first], totals
+        return wall, cpu, totals
 
 
-def run_training(env_name: str, algo: str, overrides: dict, iterations: int, warmup: int, profile: Profile):
-    """Train with the trainer's own loop, wrapped for timing. Returns the config used."""
+def run_training(
+    env_name: str,
+    algo: str,
+    overrides: dict,
+    iterations: int,
+    warmup: int,
+    profile: Profile,
+    probe: Callable[[int], float] | None = None,
+):
+    """Train with the trainer's own loop, wrapped for timing. Returns the config used. `probe(N)`, if
+    given, measures the matmul rate between iterations (N: the task's agents)."""
     preset = preset_for(env_name, algo)
     settings = merge(merge(preset, {"algo": algo}), overrides)
     config = build_config(merge(settings, {"env": {"name": env_name}}))
@@ -118,6 +141,10 @@ def run_training(env_name: str, algo: str, overrides: dict, iterations: int, war
             return algorithm
 
         def collect(*args, **kwargs):
+            if probe is not None and profile.starts:  # between two iterations
+                wall, cpu = time.perf_counter(), time.process_time()
+                rate = probe(made_envs[0].spec.n_agents)
+                profile.probes.append((rate, time.perf_counter() - wall, time.process_time() - cpu))
             profile.begin_iteration()
             profile.in_collect = True
             try:
@@ -151,14 +178,32 @@ def run_training(env_name: str, algo: str, overrides: dict, iterations: int, war
     return config, spec
 
 
+def minibatch_tokens_of(env_name: str, algo: str, overrides: dict) -> int:
+    """Samples per minibatch of the update under the preset and overrides (tokens = this x N)."""
+    settings = merge(merge(preset_for(env_name, algo), {"algo": algo}), overrides)
+    config = build_config(merge(settings, {"env": {"name": env_name}}))
+    return config.ppo.rollout_length * config.env.num_envs // config.ppo.num_minibatches
+
+
 def bench_row(
     env_name: str, overrides: dict, iterations: int, warmup: int, device: torch.device, algo: str = "mat"
 ) -> dict:
     profile = Profile()
-    config, spec = run_training(env_name, algo, overrides, iterations, warmup, profile)
+    tokens_per_minibatch: dict[str, int] = {}
+
+    def probe(n_agents: int) -> float:
+        tokens = tokens_per_minibatch.setdefault(
+            "tokens", minibatch_tokens_of(env_name, algo, overrides) * n_agents
+        )
+        return common.model_shape_gflops(tokens, 64, device, samples=1, repeats=3)
+
+    config, spec = run_training(
+        env_name, algo, overrides, iterations, warmup, profile, probe if algo == "mat" else None
+    )
     wall, cpu, phases = profile.split(warmup, warmup + iterations)
-    steps = config.ppo.rollout_length * config.env.num_envs * iterations
-    flops_per_env_step = rate = bound = None
+    steps_per_iteration = config.ppo.rollout_length * config.env.num_envs
+    steps = steps_per_iteration * iterations
+    flops_per_env_step = rate = bound = interleaved = None
     if algo == "mat":  # the FLOP count (bench/common.py) is MAT's
         shape = common.ModelShape(spec.n_agents, spec.obs_dim, spec.action_space.mask_width, spec.discrete)
         flops_per_env_step = spec.n_agents * (
@@ -167,6 +212,13 @@ def bench_row(
         minibatch_tokens = config.ppo.rollout_length * config.env.num_envs // config.ppo.num_minibatches
         rate = common.model_shape_gflops(minibatch_tokens * spec.n_agents, 64, device)
         bound = rate * 1e9 / flops_per_env_step
+        # Iteration i against the rate probed right after it (before iteration i + 1).
+        interleaved = statistics.median(
+            steps_per_iteration
+            / profile.iteration_wall(i)
+            / (profile.probes[i][0] * 1e9 / flops_per_env_step)
+            for i in range(warmup, warmup + iterations)
+        )
     row = {
         "name": env_name if algo == "mat" else f"{env_name}/{algo}",
         "algo": algo,
@@ -181,6 +233,7 @@ def bench_row(
         "matmul_model_shape_gflops": rate,
         "bound_steps_per_s": bound,
         "fraction_of_bound": None if bound is None else steps / wall / bound,
+        "interleaved_fraction_of_bound": interleaved,
         "seconds_per_iteration": wall / iterations,
         # Steps per second of process CPU time: on a loaded machine wall time also counts the time
         # other processes held the cores; CPU time counts this process's own work (and its page faults).
@@ -240,6 +293,7 @@ def main() -> int:
             ("steps_per_cpu_s", "per CPU s", ",.0f"),
             ("bound_steps_per_s", "compute bound", ",.0f"),
             ("fraction_of_bound", "of bound", ".0%"),
+            ("interleaved_fraction_of_bound", "of bound, interleaved", ".0%"),
             *[(f"{phase}_fraction", phase, ".0%") for phase in PHASES],
         ],
     )

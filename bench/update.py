@@ -8,8 +8,9 @@ through `MATAlgorithm.update` (the trainer's own code path), against the matmul 
 With `--compare-attention` every row also times the same update with torch's attention kernel instead of
 the C++ loops for few tokens (nn/layers.py, `cpp_decode.use_training_attention`), alternating call by
 call, and prints the gain. `--compare-fused` does the same with torch's GELU and LayerNorm instead of
-the C++ ones (`cpp_decode.use_training_fused`), and `--compare-adam` with torch's for-loop Adam instead of
-its fused kernel (`seqmarl.algos.base.adam`). `--compare-pass` times the update with MAT's per-layer
+the C++ ones (`cpp_decode.use_training_fused`), and `--compare-adam` with torch's Adam over the weight
+tensors one by one (fused kernel, and for-loop) instead of Adam over one flat tensor
+(`seqmarl.algos.optim.FlatAdam`). `--compare-pass` times the update with MAT's per-layer
 autograd pass (torch's matmuls, the C++ attention/GELU/LayerNorm above) instead of its whole forward and
 backward as one C++ pass (`cpp_decode.use_training_pass`, nn/mat.py `_TrainingPass`).
 
@@ -58,6 +59,27 @@ from seqmarl.types import DiscreteActions, EnvSpec
 OBS_DIM, ACTIONS = 100, 10  # REFERENCE.md 4
 # The reference's own update timings on this machine kind (REFERENCE.md 4), for context.
 REFERENCE_UPDATE_MS = {3: 88.0, 10: 251.0, 27: 755.0, 64: 3952.0}
+
+
+class PerTensorAdam:
+    """torch's Adam over the weight tensors one by one (as before FlatAdam), with FlatAdam's interface:
+    `fused` picks its fused kernel or its for-loop."""
+
+    def __init__(self, params, fused: bool):
+        self.params = list(params)
+        self.optimizer = torch.optim.Adam(
+            self.params, lr=5e-4, eps=1e-5, fused=fused, foreach=False if not fused else None
+        )
+        self.param_groups = self.optimizer.param_groups
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+
+    def step(self) -> None:
+        self.optimizer.step()
 
 
 def synthetic_batch(samples: int, N: int, device: torch.device) -> RolloutBatch:
@@ -153,10 +175,14 @@ def bench_row(
     c = cpp_decode
     switches = (c.use_training_attention, c.use_training_fused, c.use_training_pass)  # as the user left them
     fused_adam = algorithm.optimizer
-    # Both optimisers step the same weights, each keeping its own moments: the times are what matter.
-    loop_adam = torch.optim.Adam(algorithm.model.parameters(), lr=5e-4, eps=1e-5) if compare_adam else None
+    # The optimisers step the same weights, each keeping its own moments: the times are what matter.
+    per_tensor = (
+        [PerTensorAdam(algorithm.model.parameters(), fused) for fused in (True, False)]
+        if compare_adam
+        else []
+    )
 
-    def update(attention: bool, fused: bool, whole: bool, optimizer: torch.optim.Optimizer) -> Callable:
+    def update(attention: bool, fused: bool, whole: bool, optimizer) -> Callable:
         def run() -> None:
             cpp_decode.use_training_attention, cpp_decode.use_training_fused = attention, fused
             cpp_decode.use_training_pass = whole
@@ -173,8 +199,9 @@ def bench_row(
         fns["torch_fused"] = update(switches[0], False, False, fused_adam)
     if compare_pass:  # ... layer by layer through autograd, not as one C++ pass
         fns["per_layer"] = per_layer
-    if loop_adam is not None:  # ... with torch's for-loop Adam
-        fns["loop_adam"] = update(*switches, loop_adam)
+    if per_tensor:  # ... with torch's Adam tensor by tensor: its fused kernel, and its for-loop
+        fns["per_tensor_adam"] = update(*switches, per_tensor[0])
+        fns["loop_adam"] = update(*switches, per_tensor[1])
     if ref is not None:
         fns["reference"] = reference_update(ref, batch, device)
     try:
@@ -189,6 +216,7 @@ def bench_row(
         algorithm.optimizer = fused_adam
     reference_same_run_ms, sdpa_ms = timed.get("reference"), timed.get("sdpa")
     torch_fused_ms, loop_adam_ms = timed.get("torch_fused"), timed.get("loop_adam")
+    per_tensor_adam_ms = timed.get("per_tensor_adam")
     per_layer_ms = timed.get("per_layer")
     tokens = samples * N
     shape = common.ModelShape(N, OBS_DIM, ACTIONS, discrete=True)
@@ -199,6 +227,11 @@ def bench_row(
     skipped = common.token_table_flops_per_token(shape) if whole_pass else 0.0
     executed = (flops_per_token - skipped) * tokens / (update_ms / 1e3) / 1e9
     model_rate = common.model_shape_gflops(tokens, 64, device)
+    # The same ratio with the update and the matmuls timed in turn, round by round (common.py): the
+    # ratio above compares the update's median with the best of three later matmul readings.
+    interleaved, interleaved_rate = common.interleaved_fraction(
+        fns["ours"], flops_per_token * tokens, tokens, 64, device, repeats
+    )
     # The aten matmuls are those of the per-layer pass: the C++ pass runs its own (no aten op to time).
     split = op_split(per_layer, device) if ops else {}
     matmul_rate = split["matmul_flops"] / split["matmul_ms"] / 1e6 if split else None
@@ -222,7 +255,9 @@ def bench_row(
         "pass_gain": per_layer_ms / update_ms if per_layer_ms else None,
         "torch_fused_ms": torch_fused_ms,
         "fused_gain": torch_fused_ms / update_ms if torch_fused_ms else None,
-        "adam": "fused" if fused_adam.defaults.get("fused") else "for-loop",
+        "adam": "flat, fused" if fused_adam.fused else "flat, for-loop",
+        "per_tensor_adam_ms": per_tensor_adam_ms,
+        "flat_adam_gain": per_tensor_adam_ms / update_ms if per_tensor_adam_ms else None,
         "loop_adam_ms": loop_adam_ms,
         "adam_gain": loop_adam_ms / update_ms if loop_adam_ms else None,
         "tokens_per_s": tokens / (update_ms / 1e3),
@@ -231,6 +266,8 @@ def bench_row(
         "matmul_model_shape_gflops": model_rate,
         "matmul_square_gflops": square_rate,
         "fraction_of_model_shape_rate": achieved / model_rate,
+        "interleaved_fraction_of_model_shape_rate": interleaved,
+        "interleaved_model_shape_gflops": interleaved_rate,
         "executed_gflops": executed,
         "executed_fraction_of_model_shape_rate": executed / model_rate,
         "fraction_of_square_rate": achieved / square_rate,
@@ -294,7 +331,7 @@ def main() -> int:
     p.add_argument(
         "--compare-adam",
         action="store_true",
-        help="also time the same update with torch's for-loop Adam (not the fused one), alternating",
+        help="also time the same update with torch's Adam tensor by tensor (fused, for-loop), alternating",
     )
     p.add_argument(
         "--compare-pass",
@@ -365,7 +402,12 @@ def main() -> int:
             ),
             ("adam", "Adam", "s"),
             *(
-                [("loop_adam_ms", "with for-loop Adam ms", ".1f"), ("adam_gain", "fused Adam gain", ".2f")]
+                [
+                    ("per_tensor_adam_ms", "per-tensor fused Adam ms", ".1f"),
+                    ("flat_adam_gain", "flat Adam gain", ".2f"),
+                    ("loop_adam_ms", "per-tensor for-loop Adam ms", ".1f"),
+                    ("adam_gain", "gain over for-loop", ".2f"),
+                ]
                 if args.compare_adam
                 else []
             ),
@@ -375,6 +417,8 @@ def main() -> int:
             ("matmul_model_shape_gflops", "matmul GFLOP/s, model shape", ".1f"),
             ("fraction_of_model_shape_rate", "of model-shape rate", ".0%"),
             ("executed_fraction_of_model_shape_rate", "executed FLOPs, of model-shape rate", ".0%"),
+            ("interleaved_model_shape_gflops", "model-shape GFLOP/s, interleaved", ".1f"),
+            ("interleaved_fraction_of_model_shape_rate", "of model-shape rate, interleaved", ".0%"),
             ("matmul_square_gflops", "matmul GFLOP/s, square", ".1f"),
             ("fraction_of_square_rate", "of square rate", ".0%"),
             *(

@@ -242,7 +242,7 @@ def test_mat_dec_fits_the_mean_value_and_mappo_each_agent():
 
 
 def test_adam_is_fused_on_cpu_and_steps_like_torchs_for_loop_adam():
-    from seqmarl.algos.base import adam
+    from seqmarl.algos.optim import adam
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(7, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
@@ -260,3 +260,107 @@ def test_adam_is_fused_on_cpu_and_steps_like_torchs_for_loop_adam():
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert all((a - s).abs().max() > 1e-2 for a, s in zip(model.parameters(), start, strict=True))
+
+
+def _net_and_twin():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(7, 16), torch.nn.GELU(), torch.nn.LayerNorm(16), torch.nn.Linear(16, 3)
+    )
+    return net, copy.deepcopy(net), torch.randn(64, 7)
+
+
+def _step(net, optimizer, x, clip, flat: bool) -> torch.Tensor:
+    optimizer.zero_grad()
+    net(x).sin().mean().backward()
+    if flat:
+        norm = optimizer.clip_grad_norm_(clip)
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+    optimizer.step()
+    return norm
+
+
+def test_flat_adam_steps_like_torchs_adam_tensor_by_tensor_with_clipping():
+    """FlatAdam (one flat tensor for all weights) against torch's fused Adam over the tensors one by one,
+    with a clip that bites: the same norms and weights after 25 steps, within float32 rounding (the norm
+    sums in another order); every weight moved."""
+    from seqmarl.algos.optim import FlatAdam
+
+    net, twin, x = _net_and_twin()
+    start = [p.detach().clone() for p in net.parameters()]
+    flat = FlatAdam(net.parameters(), 1e-2, 1e-5)
+    torchs = torch.optim.Adam(twin.parameters(), lr=1e-2, eps=1e-5, fused=True)
+    for _ in range(25):
+        norm = _step(net, flat, x, 0.05, True)
+        torch_norm = _step(twin, torchs, x, 0.05, False)
+        torch.testing.assert_close(norm, torch_norm, rtol=1e-5, atol=1e-7)
+    assert norm > 0.05  # the clip scaled the gradients
+    for a, b, s in zip(net.parameters(), twin.parameters(), start, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert (a - s).abs().max() > 1e-2
+    assert all(p.grad is g for p, g in zip(net.parameters(), flat.grads, strict=True))
+
+
+def test_flat_adam_keeps_gradients_set_elsewhere_and_refuses_moved_weights():
+    """A `model.zero_grad()` between FlatAdam's zero_grad and the backward makes autograd hand out
+    gradients of its own: they are copied into the flat gradient, not lost. A weight moved to new
+    memory after the optimiser was made is refused in one line."""
+    from seqmarl.algos.optim import FlatAdam
+
+    net, twin, x = _net_and_twin()
+    flat = FlatAdam(net.parameters(), 1e-2, 1e-5)
+    torchs = torch.optim.Adam(twin.parameters(), lr=1e-2, eps=1e-5, fused=True)
+    for _ in range(3):
+        flat.zero_grad()
+        net.zero_grad()  # set_to_none: autograd makes new gradient tensors
+        net(x).sin().mean().backward()
+        flat.clip_grad_norm_(1e9)
+        flat.step()
+        _step(twin, torchs, x, 1e9, False)
+    for a, b in zip(net.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    net[0].weight.data = net[0].weight.data.clone()
+    with pytest.raises(RuntimeError, match="moved to new memory"):
+        flat.step()
+
+
+def test_flat_adam_checkpoints_are_torchs_per_tensor_adam_state():
+    """FlatAdam writes and reads torch's own per-parameter Adam layout: its state loads into a plain
+    torch Adam over the same weights, and a plain torch Adam's state (a checkpoint from before FlatAdam)
+    loads into it; either way the next steps are those of an optimiser that never stopped."""
+    from seqmarl.algos.optim import FlatAdam
+
+    net, twin, x = _net_and_twin()
+    flat = FlatAdam(net.parameters(), 1e-2, 1e-5)
+    torchs = torch.optim.Adam(twin.parameters(), lr=1e-2, eps=1e-5, fused=True)
+    for _ in range(5):
+        _step(net, flat, x, 1.0, True)
+        _step(twin, torchs, x, 1.0, False)
+    saved_flat, saved_torch = copy.deepcopy(flat.state_dict()), copy.deepcopy(torchs.state_dict())
+    assert saved_flat["param_groups"][0]["params"] == saved_torch["param_groups"][0]["params"]
+    assert saved_flat["state"].keys() == saved_torch["state"].keys()
+    for i, entry in saved_torch["state"].items():
+        assert {k: v.shape for k, v in saved_flat["state"][i].items()} == {
+            k: v.shape for k, v in entry.items()
+        }
+        torch.testing.assert_close(saved_flat["state"][i]["exp_avg"], entry["exp_avg"], rtol=1e-4, atol=1e-7)
+
+    # Cross over: a fresh FlatAdam from torch's state, a fresh torch Adam from FlatAdam's.
+    net2, twin2 = copy.deepcopy(twin), copy.deepcopy(net)
+    flat2 = FlatAdam(net2.parameters(), 1e-2, 1e-5)
+    flat2.load_state_dict(saved_torch)
+    torchs2 = torch.optim.Adam(twin2.parameters(), lr=1e-2, eps=1e-5, fused=True)
+    torchs2.load_state_dict(saved_flat)
+    for _ in range(5):
+        _step(twin, torchs, x, 1.0, False)  # the originals go on
+        _step(net, flat, x, 1.0, True)
+        _step(net2, flat2, x, 1.0, True)
+        _step(twin2, torchs2, x, 1.0, False)
+    for a, b, c, d in zip(
+        twin.parameters(), net2.parameters(), net.parameters(), twin2.parameters(), strict=True
+    ):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)  # resumed from torch's state
+        torch.testing.assert_close(d, c, rtol=1e-4, atol=1e-6)  # torch resumed from FlatAdam's
+    with pytest.raises(ValueError, match="parameters"):
+        FlatAdam(torch.nn.Linear(2, 2).parameters(), 1e-2).load_state_dict(saved_torch)

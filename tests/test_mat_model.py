@@ -526,22 +526,16 @@ def pass_results(model, obs, mask, actions, dtype: torch.dtype) -> list[torch.Te
     return [out.log_prob, out.entropy, out.value, *(p.grad for p in model.parameters())]
 
 
-@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the C++ decode step cannot be built here")
-@pytest.mark.parametrize("case", PASS_CASES)
-def test_whole_training_pass_matches_the_per_layer_pass(case, monkeypatch):
-    """MAT's forward and backward for the update as one C++ pass (nn/mat.py `_TrainingPass`): the
-    log-probs, entropies, values and the gradient of every parameter are about as close to a float64
-    per-layer pass as the float32 per-layer pass is (float32 summation-order noise). Discrete and
-    continuous actions, several heads and blocks, one agent, and widths off the vector width (the
-    observation's 11, the actions', and E = 36 with heads of 12)."""
-    space, config, N = PASS_CASES[case]
-    model, obs, mask = make("", "", N=N, B=40, space=space, config=config)
+def check_pass_against_float64(model, obs, mask, space, monkeypatch) -> None:
+    """The C++ pass's log-probs, entropies, values and gradients are about as close to a float64
+    per-layer pass as the float32 per-layer pass is."""
     if not cpp_decode.extension("cpp").fused_available():
         pytest.skip("this CPU has no AVX2/FMA: the per-layer pass runs in training here")
+    B, N = obs.shape[:2]
     if isinstance(space, DiscreteActions):
         actions = torch.distributions.Categorical(logits=torch.where(mask, 0.0, -1e9)).sample()
     else:
-        actions = torch.randn(40, N, space.dim)
+        actions = torch.randn(B, N, space.dim)
     assert cpp_decode.training_pass("auto", obs) is not None
 
     def run(use_pass: bool, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -565,6 +559,37 @@ def test_whole_training_pass_matches_the_per_layer_pass(case, monkeypatch):
         error, torch_error = (mine - truth).abs().max().item(), (theirs - truth).abs().max().item()
         size = max(truth.abs().max().item(), 1e-2 * scale)
         assert error <= 8 * torch_error + 1e-5 * size, (error, torch_error, size)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the C++ decode step cannot be built here")
+@pytest.mark.parametrize("case", PASS_CASES)
+def test_whole_training_pass_matches_the_per_layer_pass(case, monkeypatch):
+    """MAT's forward and backward for the update as one C++ pass (nn/mat.py `_TrainingPass`): the
+    log-probs, entropies, values and the gradient of every parameter are about as close to a float64
+    per-layer pass as the float32 per-layer pass is (float32 summation-order noise). Discrete and
+    continuous actions, several heads and blocks, one agent, and widths off the vector width (the
+    observation's 11, the actions', and E = 36 with heads of 12)."""
+    space, config, N = PASS_CASES[case]
+    model, obs, mask = make("", "", N=N, B=40, space=space, config=config)
+    check_pass_against_float64(model, obs, mask, space, monkeypatch)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the C++ decode step cannot be built here")
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 13, 14])
+def test_whole_training_pass_with_every_matmul_row_remainder(rows, monkeypatch):
+    """The pass's matmuls (csrc/decode.cpp `mm`) run 6-row tiles and put the 1-5 rows left over in tiles
+    of other shapes; a remainder of 1 or 2 after a 6-row strip goes with that strip's rows as 4 + 3 or
+    4 + 4. One thread and one agent make a chunk of exactly `rows` token rows, so each of those paths
+    runs for the row-wise matmuls; the weight gradients' matmuls (rows = a layer's outputs: 16, 11, 48,
+    32, 5, 1) take others. Each against float64, as above."""
+    space = DiscreteActions(5)
+    model, obs, mask = make("", "", N=1, B=rows, space=space, config=MATConfig(n_embd=16))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        check_pass_against_float64(model, obs, mask, space, monkeypatch)
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the C++ decode step cannot be built here")

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from seqmarl.algos import ppo_losses
-from seqmarl.algos.base import PPOAlgorithm, accumulate, adam
+from seqmarl.algos.base import PPOAlgorithm, accumulate
+from seqmarl.algos.optim import FlatAdam
 from seqmarl.buffer import RolloutBatch
 from seqmarl.config import PPOConfig
 from seqmarl.nn.mlp import Actor, Critic, MLPConfig
@@ -42,8 +43,11 @@ class HAPPOAlgorithm(PPOAlgorithm):
 
     def __init__(self, spec: EnvSpec, mlp: MLPConfig, ppo: PPOConfig, device: torch.device):
         super().__init__(spec, ppo, device, HAPPONetwork(spec, mlp))
-        self.actor_optimizers = [adam(a.parameters(), ppo.lr, ppo.adam_eps) for a in self.model.actors]
-        self.optimizer = adam(self.model.critic.parameters(), ppo.lr, ppo.adam_eps)  # the critic's
+
+    def _make_optimizers(self) -> None:
+        ppo = self.ppo
+        self.actor_optimizers = [FlatAdam(a.parameters(), ppo.lr, ppo.adam_eps) for a in self.model.actors]
+        self.optimizer = FlatAdam(self.model.critic.parameters(), ppo.lr, ppo.adam_eps)  # the critic's
 
     def _act(self, obs, state, mask, deterministic) -> ActOutput:
         actions, log_probs = zip(
@@ -105,9 +109,9 @@ class HAPPOAlgorithm(PPOAlgorithm):
                 )
                 entropy = ppo_losses.masked_mean(entropy[:, 0], alive_b)
                 loss = policy_loss - ppo.entropy_coef * entropy
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad()
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(actor.parameters(), ppo.max_grad_norm)
+                grad_norm = optimizer.clip_grad_norm_(ppo.max_grad_norm)
                 optimizer.step()
                 accumulate(
                     totals,
@@ -136,9 +140,9 @@ class HAPPOAlgorithm(PPOAlgorithm):
                 ppo.huber_delta or None,
                 everyone.index_select(0, idx),
             )
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad()
             (ppo.value_coef * value_loss).backward()
-            torch.nn.utils.clip_grad_norm_(self.model.critic.parameters(), ppo.max_grad_norm)
+            self.optimizer.clip_grad_norm_(ppo.max_grad_norm)
             self.optimizer.step()
             accumulate(totals, {"losses/value_loss": value_loss})
             counts["critic"] += 1

@@ -23,7 +23,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from seqmarl.algos.base import accumulate, adam
+from seqmarl.algos.base import accumulate
+from seqmarl.algos.optim import FlatAdam
 from seqmarl.buffer import RolloutBuffer
 from seqmarl.config import QMIXConfig
 from seqmarl.errors import UserError
@@ -94,8 +95,7 @@ class QMIXAlgorithm:
         self.mixer = QMixer(N, spec.state_dim, config.mixing_embed, config.hypernet_embed).to(device)
         self.target_agent = copy.deepcopy(self.agent).requires_grad_(False)
         self.target_mixer = copy.deepcopy(self.mixer).requires_grad_(False)
-        self.parameters = [*self.agent.parameters(), *self.mixer.parameters()]
-        self.optimizer = adam(self.parameters, config.lr)
+        self.optimizer = FlatAdam([*self.agent.parameters(), *self.mixer.parameters()], config.lr)
         check_replay_fits(spec, config.buffer_size, device)
         self.replay = EpisodeReplay(spec, config.buffer_size, num_envs, device)
         self.epsilon = config.epsilon_start
@@ -181,7 +181,7 @@ class QMIXAlgorithm:
         count = batch.length.sum().float()  # real steps in the batch
         order = torch.argsort(batch.length, stable=True)
         totals: dict[str, torch.Tensor] = {}
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         for start in range(0, len(order), UPDATE_CHUNK):
             chunk = batch.index(order[start : start + UPDATE_CHUNK])
             q_taken, targets, filled = self._q_and_targets(chunk)
@@ -196,7 +196,7 @@ class QMIXAlgorithm:
                     "losses/target_mean": (targets * filled).sum() / count,
                 },
             )
-        totals["losses/grad_norm"] = torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm)
+        totals["losses/grad_norm"] = self.optimizer.clip_grad_norm_(config.max_grad_norm)
         self.optimizer.step()
         self.updates += 1
         if self.updates % config.target_update_interval == 0:

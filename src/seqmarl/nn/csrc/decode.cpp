@@ -257,69 +257,90 @@ FAST inline void gelu(float* x, int64_t n) { gelu_to(x, x, n); }  // in place
 // gradient read by columns (weight gradient: sam = 1, sak = the gradient's row stride). Register-
 // blocked AVX2/FMA tiles of 6 rows x 16 columns of accumulators.
 
-template <int V>
-FAST inline __m256 load_columns(const float* p, __m256i mask) {
-  return V == 0 ? _mm256_maskload_ps(p, mask) : _mm256_loadu_ps(p);
-}
-
-// V = 1 or 2 vectors of 8 columns; V = 0: the first `n` (< 8) columns, by masked loads and stores.
+// R rows x V vectors of 8 columns (V = 1 .. 4), or V = 0: the first `n` (< 8) columns, by masked loads
+// and stores. R x V accumulators, one FMA chain each: 8 or more keep both FMA units busy (4-cycle latency).
 template <int R, int V>
 FAST inline void mm_tile(const float* A, int64_t sam, int64_t sak, int64_t K, const float* Bt, int64_t ldb,
                          const float* bias, bool acc, float* C, int64_t ldc, int64_t n = 8) {
-  // The loops over r are unrolled by pragma: GCC did not unroll them on its own and then kept the
+  // The loops over r and v are unrolled by pragma: GCC did not unroll them on its own and then kept the
   // accumulators on the stack, storing them on every step of k (~40 against ~105 GFLOP/s, one core).
-  static_assert(V >= 0 && V <= 2, "0 (a masked tail), 8 or 16 columns");
-  alignas(32) static const float zeros[16] = {};
+  static_assert(V >= 0 && V <= 4 && R * (V == 0 ? 1 : V) <= 12, "at most 12 accumulators (16 ymm registers)");
+  constexpr int NV = V == 0 ? 1 : V;
+  alignas(32) static const float zeros[32] = {};
   const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   const float* init = acc ? C : (bias != nullptr ? bias : zeros);
   const int64_t init_ld = acc ? ldc : 0;
-  __m256 c0[R], c1[R];
+  __m256 c[R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    c0[r] = load_columns<V>(init + r * init_ld, mask);
-    c1[r] = V == 2 ? _mm256_loadu_ps(init + r * init_ld + 8) : c0[r];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      c[r][v] = V == 0 ? _mm256_maskload_ps(init + r * init_ld, mask) : _mm256_loadu_ps(init + r * init_ld + 8 * v);
+    }
   }
   for (int64_t k = 0; k < K; ++k) {
-    const __m256 b0 = load_columns<V>(Bt + k * ldb, mask);
-    const __m256 b1 = V == 2 ? _mm256_loadu_ps(Bt + k * ldb + 8) : b0;
+    __m256 b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = V == 0 ? _mm256_maskload_ps(Bt + k * ldb, mask) : _mm256_loadu_ps(Bt + k * ldb + 8 * v);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m256 a = _mm256_broadcast_ss(A + r * sam + k * sak);
-      c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
-      if (V == 2) c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) c[r][v] = _mm256_fmadd_ps(a, b[v], c[r][v]);
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    if (V == 0) {
-      _mm256_maskstore_ps(C + r * ldc, mask, c0[r]);
-    } else {
-      _mm256_storeu_ps(C + r * ldc, c0[r]);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      if (V == 0) {
+        _mm256_maskstore_ps(C + r * ldc, mask, c[r][v]);
+      } else {
+        _mm256_storeu_ps(C + r * ldc + 8 * v, c[r][v]);
+      }
     }
-    if (V == 2) _mm256_storeu_ps(C + r * ldc + 8, c1[r]);
   }
 }
 
-// R rows of C across all O columns: 16 at a time, then 8, then a masked tail (the R rows of A and the
-// whole of Bt stay in the L1/L2 cache while the columns are swept).
-template <int R>
+// R rows of C across all O columns: W vectors (8 W columns) at a time, then 16, then 8, then a masked tail
+// (the R rows of A and the whole of Bt stay in the L1/L2 cache while the columns are swept).
+template <int R, int W = 2>
 FAST void mm_rows(const float* A, int64_t sam, int64_t sak, int64_t K, const float* Bt, int64_t ldb, int64_t O,
                   const float* bias, bool acc, float* C, int64_t ldc) {
+  auto b = [bias](int64_t o) { return bias == nullptr ? nullptr : bias + o; };
   int64_t o = 0;
-  for (; o + 16 <= O; o += 16) mm_tile<R, 2>(A, sam, sak, K, Bt + o, ldb, bias == nullptr ? nullptr : bias + o, acc, C + o, ldc);
-  for (; o + 8 <= O; o += 8) mm_tile<R, 1>(A, sam, sak, K, Bt + o, ldb, bias == nullptr ? nullptr : bias + o, acc, C + o, ldc);
-  if (o < O) mm_tile<R, 0>(A, sam, sak, K, Bt + o, ldb, bias == nullptr ? nullptr : bias + o, acc, C + o, ldc, O - o);
+  for (; o + 8 * W <= O; o += 8 * W) mm_tile<R, W>(A, sam, sak, K, Bt + o, ldb, b(o), acc, C + o, ldc);
+  if (W > 2) {
+    for (; o + 16 <= O; o += 16) mm_tile<R, 2>(A, sam, sak, K, Bt + o, ldb, b(o), acc, C + o, ldc);
+  }
+  for (; o + 8 <= O; o += 8) mm_tile<R, 1>(A, sam, sak, K, Bt + o, ldb, b(o), acc, C + o, ldc);
+  if (o < O) mm_tile<R, 0>(A, sam, sak, K, Bt + o, ldb, b(o), acc, C + o, ldc, O - o);
 }
 
 FAST void mm(const float* A, int64_t sam, int64_t sak, int64_t M, int64_t K, const float* Bt, int64_t ldb, int64_t O,
              const float* bias, bool acc, float* C, int64_t ldc) {
-  // 6 rows at a time, the rest in 4-, 2- and 1-row tiles (a 1-row tile waits on its 2 accumulators'
-  // FMA latency: ~1/4 of the rate, so 4 leftover rows, e.g. 64 = 10 * 6 + 4, go as one 4-row tile)
+  // 6 rows x 16 columns at a time. The 1-5 rows left over go in tiles that still hold 8-12 accumulators
+  // (one core, K = O = 64: 105-110 GFLOP/s for 6x16, 5x16, 4x16 and 3x32 tiles, against 51 for 2x16 and 42
+  // for 1x16, which waited on their FMAs' latency): after at least one 6-row strip, 1 left over goes with
+  // it as 4 + 3 and 2 as 4 + 4; under 6 rows in all, the widest tiles that fit (1x32 / 2x32: ~60, bound
+  // by loading the weights once per row).
+  const int64_t left = M % 6;
+  int64_t strips = M / 6;
+  if (strips > 0 && (left == 1 || left == 2)) --strips;
+#define SEQMARL_ROWS(R, W) (mm_rows<R, W>(A + m * sam, sam, sak, K, Bt, ldb, O, bias, acc, C + m * ldc, ldc), m += R)
   int64_t m = 0;
-  for (; m + 6 <= M; m += 6) mm_rows<6>(A + m * sam, sam, sak, K, Bt, ldb, O, bias, acc, C + m * ldc, ldc);
-  if (m + 4 <= M) mm_rows<4>(A + m * sam, sam, sak, K, Bt, ldb, O, bias, acc, C + m * ldc, ldc), m += 4;
-  if (m + 2 <= M) mm_rows<2>(A + m * sam, sam, sak, K, Bt, ldb, O, bias, acc, C + m * ldc, ldc), m += 2;
-  if (m < M) mm_rows<1>(A + m * sam, sam, sak, K, Bt, ldb, O, bias, acc, C + m * ldc, ldc);
+  for (int64_t i = 0; i < strips; ++i) SEQMARL_ROWS(6, 2);
+  switch (M - m) {
+    case 1: SEQMARL_ROWS(1, 4); break;
+    case 2: SEQMARL_ROWS(2, 4); break;
+    case 3: SEQMARL_ROWS(3, 4); break;
+    case 4: SEQMARL_ROWS(4, 2); break;
+    case 5: SEQMARL_ROWS(5, 2); break;
+    case 7: SEQMARL_ROWS(4, 2), SEQMARL_ROWS(3, 4); break;
+    case 8: SEQMARL_ROWS(4, 2), SEQMARL_ROWS(4, 2); break;
+    default: break;  // 0
+  }
+#undef SEQMARL_ROWS
 }
 
 // C (M, O) = bias + A (M, K) @ Wt (K, O), Wt contiguous (a Linear's weight transposed).
@@ -1407,6 +1428,24 @@ TSaved bind_saved(const TModel& m, int64_t T, std::vector<Tensor>& ts, bool allo
 // Whole samples per chunk: ~128 token rows, so a chunk's activations stay in the CPU's caches.
 int64_t samples_per_chunk(int64_t N) { return std::max<int64_t>(1, (128 + N - 1) / N); }
 
+// How the pass splits B samples into chunks: n chunks, chunk c holding samples [c B / n, (c + 1) B / n)
+// (sizes differ by one at most), n a multiple of the thread count. at::parallel_for hands each thread
+// n / threads consecutive chunks, so every thread gets the same number of samples within one chunk's
+// rounding. Chunks of exactly S samples left the last thread short: at N = 3, B = 3200, 2 threads,
+// 38 + 37 chunks of 43 = 1634 + 1566 samples, the first thread 2% over the mean.
+struct ChunkPlan {
+  int64_t n = 0, B = 0;
+  int64_t begin(int64_t c) const { return c * B / n; }
+  int64_t max_samples() const { return n == 0 ? 0 : (B + n - 1) / n; }
+};
+
+ChunkPlan plan_chunks(int64_t B, int64_t N) {
+  if (B <= 0) return {};
+  const int64_t S = samples_per_chunk(N), threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t n = (B + S - 1) / S;
+  return {std::min(B, (n + threads - 1) / threads * threads), B};
+}
+
 // y (R, l.O) = l(x (R, l.K)), row strides ldx and ldy.
 FAST inline void t_forward(const TLinear& l, const float* x, int64_t ldx, int64_t R, float* y, int64_t ldy) {
   linear(x, ldx, R, l.K, l.wt, l.b, l.O, y, ldy);
@@ -1418,10 +1457,18 @@ FAST inline void t_input_grad(const TLinear& l, const float* dy, int64_t ldy, in
   mm(dy, ldy, 1, R, l.O, l.w, l.K, l.K, nullptr, acc, dx, ldx);
 }
 
-// G[weight] += dy^T x, G[bias] += column sums of dy.
+// G[weight] += dy^T x, G[bias] += column sums of dy. The rows go in blocks of at most 64 (balanced): a
+// block's rows of dy and x (2 x 64 x 64 floats at E = 64) stay in the L1 cache while every tile of the
+// weight sweeps them, where one sweep over a chunk's ~128 rows read them from L2 for each tile (one core,
+// a 64 x 64 weight from 129 rows: ~96 against ~105 GFLOP/s; forward and input gradient ~110). The same
+// sums in the same order: each tile adds the rows one by one onto what G holds.
 FAST inline void t_weight_grad(const TLinear& l, const float* dy, int64_t ldy, const float* x, int64_t ldx, int64_t R,
                                float* G) {
-  mm(dy, 1, ldy, l.O, R, x, ldx, l.K, nullptr, true, G + l.gw, l.K);
+  const int64_t blocks = (R + 63) / 64;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t r0 = b * R / blocks, r1 = (b + 1) * R / blocks;
+    mm(dy + r0 * ldy, 1, ldy, l.O, r1 - r0, x + r0 * ldx, ldx, l.K, nullptr, true, G + l.gw, l.K);
+  }
   col_sums_acc(dy, ldy, R, l.O, G + l.gb);
 }
 
@@ -1741,7 +1788,8 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> training_forward(const Tensor& o
   } else {
     TORCH_CHECK(dec_in.size(2) == m.A, "training pass: previous actions must have width ", m.A);
   }
-  const int64_t T = m.B * m.N, S = samples_per_chunk(m.N), chunks = (m.B + S - 1) / S;
+  const int64_t T = m.B * m.N;
+  const ChunkPlan plan = plan_chunks(m.B, m.N);
   std::vector<Tensor> saved;
   const TSaved s = bind_saved(m, T, saved, true);
   Tensor out = at::empty({m.B, m.N, m.A}, obs.options()), value = at::empty({m.B, m.N}, obs.options());
@@ -1750,11 +1798,11 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> training_forward(const Tensor& o
   const float* prev = discrete ? nullptr : dec_in.data_ptr<float>();
   float *outp = out.data_ptr<float>(), *valp = value.data_ptr<float>();
   if (m.token_table()) token_forward(m, s);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    const int64_t R = S * m.N;
+  at::parallel_for(0, plan.n, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t R = plan.max_samples() * m.N;
     std::vector<float> tmp(static_cast<size_t>(R * (2 * m.E + m.O)));
     for (int64_t c = c0; c < c1; ++c) {
-      training_forward_chunk(m, s, op, tokens, prev, outp, valp, c * S, std::min(m.B, (c + 1) * S), tmp.data(),
+      training_forward_chunk(m, s, op, tokens, prev, outp, valp, plan.begin(c), plan.begin(c + 1), tmp.data(),
                              tmp.data() + R * m.E, tmp.data() + R * (m.E + m.O));
     }
   });
@@ -1773,18 +1821,20 @@ std::tuple<Tensor, Tensor> encoder_forward(const Tensor& obs_in, const std::vect
   TModel m = bind_model(weights, n_block, n_head, false, true, true);
   m.B = obs.size(0), m.N = obs.size(1);
   TORCH_CHECK(obs.size(2) == m.O, "encoder pass: obs width ", obs.size(2), " but the embedding takes ", m.O);
-  const int64_t T = m.B * m.N, S = samples_per_chunk(m.N), chunks = (m.B + S - 1) / S;
+  const int64_t T = m.B * m.N;
+  const ChunkPlan plan = plan_chunks(m.B, m.N);
   std::vector<Tensor> saved;
   const TSaved s = bind_saved(m, T, saved, true, true);
   Tensor value = at::empty({m.B, m.N}, obs.options());
   const float* op = obs.data_ptr<float>();
   float* valp = value.data_ptr<float>();
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> tmp(static_cast<size_t>(S * m.N * (m.E + m.O)));
+  at::parallel_for(0, plan.n, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t R = plan.max_samples() * m.N;
+    std::vector<float> tmp(static_cast<size_t>(R * (m.E + m.O)));
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t s0 = c * S, s1 = std::min(m.B, (c + 1) * S);
+      const int64_t s0 = plan.begin(c), s1 = plan.begin(c + 1);
       const Chunk chunk{s0 * m.N, (s1 - s0) * m.N, m.N, m.E, m.H, m.D, (s1 - s0) * m.H};
-      encoder_forward_chunk(m, s, op, valp, chunk, tmp.data(), tmp.data() + S * m.N * m.E);
+      encoder_forward_chunk(m, s, op, valp, chunk, tmp.data(), tmp.data() + R * m.E);
     }
   });
   const float* rep = m.enc.empty() ? s.embed.out : s.enc.back().mlp.out;  // the encoder's output rows
@@ -1803,7 +1853,8 @@ std::vector<Tensor> training_backward(const Tensor& dout_in, const Tensor& dvalu
   m.B = dout.size(0), m.N = dout.size(1);
   TORCH_CHECK(dout.sizes() == at::IntArrayRef({m.B, m.N, m.A}) && dvalue.numel() == m.B * m.N,
               "training pass: gradient shapes differ from the outputs'");
-  const int64_t T = m.B * m.N, S = samples_per_chunk(m.N), chunks = (m.B + S - 1) / S;
+  const int64_t T = m.B * m.N;
+  const ChunkPlan plan = plan_chunks(m.B, m.N);
   const TSaved s = bind_saved(m, T, saved, false);
   const int64_t threads = at::get_num_threads();
   const int64_t width = m.buffer_floats();
@@ -1812,12 +1863,12 @@ std::vector<Tensor> training_backward(const Tensor& dout_in, const Tensor& dvalu
   const float* prev = discrete ? nullptr : dec_in.data_ptr<float>();
   const float *dop = dout.data_ptr<float>(), *dvp = dvalue.data_ptr<float>();
   float* gp = grads.data_ptr<float>();
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    const int64_t R = S * m.N;
+  at::parallel_for(0, plan.n, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t R = plan.max_samples() * m.N;
     std::vector<float> work(static_cast<size_t>(8 * R * m.E));
     float* G = gp + std::min<int64_t>(at::get_thread_num(), threads - 1) * width;
     for (int64_t c = c0; c < c1; ++c) {
-      training_backward_chunk(m, s, tokens, prev, dop, dvp, c * S, std::min(m.B, (c + 1) * S), G, work.data());
+      training_backward_chunk(m, s, tokens, prev, dop, dvp, plan.begin(c), plan.begin(c + 1), G, work.data());
     }
   });
   const Tensor total = threads == 1 ? grads[0] : grads.sum(0);  // thread by thread, in order
