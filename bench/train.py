@@ -106,8 +106,8 @@ def run_training(
     profile: Profile,
     probe: Callable[[int], float] | None = None,
 ):
-    """Train with the trainer's own loop, wrapped for timing. Returns the config used. `probe(N)`, if
-    given, measures the matmul rate between iterations (N: the task's agents)."""
+    """Train with the trainer's own loop, wrapped for timing. Returns the config used. `probe(tokens)`,
+    if given, measures the matmul rate at the update's minibatch of `tokens` rows between iterations."""
     preset = preset_for(env_name, algo)
     settings = merge(merge(preset, {"algo": algo}), overrides)
     config = build_config(merge(settings, {"env": {"name": env_name}}))
@@ -143,7 +143,8 @@ def run_training(
         def collect(*args, **kwargs):
             if probe is not None and profile.starts:  # between two iterations
                 wall, cpu = time.perf_counter(), time.process_time()
-                rate = probe(made_envs[0].spec.n_agents)
+                samples = config.ppo.rollout_length * config.env.num_envs // config.ppo.num_minibatches
+                rate = probe(samples * made_envs[0].spec.n_agents)
                 profile.probes.append((rate, time.perf_counter() - wall, time.process_time() - cpu))
             profile.begin_iteration()
             profile.in_collect = True
@@ -178,23 +179,12 @@ def run_training(
     return config, spec
 
 
-def minibatch_tokens_of(env_name: str, algo: str, overrides: dict) -> int:
-    """Samples per minibatch of the update under the preset and overrides (tokens = this x N)."""
-    settings = merge(merge(preset_for(env_name, algo), {"algo": algo}), overrides)
-    config = build_config(merge(settings, {"env": {"name": env_name}}))
-    return config.ppo.rollout_length * config.env.num_envs // config.ppo.num_minibatches
-
-
 def bench_row(
     env_name: str, overrides: dict, iterations: int, warmup: int, device: torch.device, algo: str = "mat"
 ) -> dict:
     profile = Profile()
-    tokens_per_minibatch: dict[str, int] = {}
 
-    def probe(n_agents: int) -> float:
-        tokens = tokens_per_minibatch.setdefault(
-            "tokens", minibatch_tokens_of(env_name, algo, overrides) * n_agents
-        )
+    def probe(tokens: int) -> float:
         return common.model_shape_gflops(tokens, 64, device, samples=1, repeats=3)
 
     config, spec = run_training(

@@ -3,7 +3,7 @@
 # interleaved rate"): an A/B of csrc/decode.cpp against 8004a6f's (balanced chunks, the matmul's leftover
 # rows, blocked weight gradients), then bench/update.py with --compare-adam (FlatAdam against torch's Adam
 # tensor by tensor) and bench/train.py on smax:3m, alternating, three times each; 2 threads.
-#   bash bench/baselines/pass_overheads/run.sh
+#   bash bench/baselines/pass_overheads/run.sh   (with the project's .venv active, or python on PATH able to import torch)
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 export PYTHONPATH=src
