@@ -85,6 +85,8 @@ class FlatAdam:
     def _gather(self) -> None:
         """Gradients that are not the flat gradient's views (someone set `.grad` to None, or to a tensor
         of their own, after `zero_grad`) are copied into it, so nothing is lost."""
+        if all(p.grad is g for p, g in zip(self.params, self.grads, strict=True)):
+            return
         for p, g in zip(self.params, self.grads, strict=True):
             if p.grad is not g:
                 if p.grad is None:
@@ -94,9 +96,14 @@ class FlatAdam:
                 p.grad = g
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Scale the gradients to a total 2-norm of at most `max_norm`; returns the norm before."""
+        """Scale the gradients to a total 2-norm of at most `max_norm`; returns the norm before. torch's
+        rule (`torch.nn.utils.clip_grad_norm_`: scale by min(1, max_norm / (norm + 1e-6))) on the one
+        flat gradient, without its per-tensor grouping."""
         self._gather()
-        return torch.nn.utils.clip_grad_norm_([self.flat], max_norm)
+        grad = self.flat.grad
+        norm = torch.linalg.vector_norm(grad)
+        grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        return norm
 
     def step(self) -> None:
         if any(p.data_ptr() != a for p, a in zip(self.params, self.addresses, strict=True)):
