@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The update's overheads (docs/performance.md, "Flat Adam, the pass's chunks and tiles, and the
+# The update's overheads (docs/performance.md, "Flat Adam, even chunks, leftover-row tiles, and the
 # interleaved rate"): bench/update.py with --compare-adam (FlatAdam against torch's Adam tensor by tensor)
 # and bench/train.py on smax:3m, alternating, three times each, 2 threads; then A/Bs of csrc/decode.cpp
 # against 8004a6f's (even chunks, the matmul's leftover rows, blocked weight gradients): the update and

@@ -4,10 +4,11 @@
 view of its slice) and gives them gradients that are views of a second flat tensor. Clipping the
 gradient norm and Adam's step then run as one op each over the whole model, where torch's per-tensor
 path runs one (fused Adam) or ~10 (for-loop Adam) per weight tensor plus Python bookkeeping for each:
-MAT has 63 weight tensors, and the clip and the step took ~1.3 ms of a ~35 ms update at N = 3 agents
-(docs/performance.md, "Flat parameters"). The update rule is torch's Adam (its fused kernel where the
-device has one, `adam`), so a step is the same arithmetic element by element; only the clip's norm
-sums in another order.
+MAT has 63 weight tensors, and the clip and the step took ~1.3 ms of a ~35 ms update at N = 3 agents,
+~0.2 ms here (docs/performance.md, "Flat Adam, even chunks, leftover-row tiles, and the interleaved
+rate"). The update rule is torch's Adam (its fused kernel where the
+device has one, `adam`), so a step is the same arithmetic element by element; the clip is torch's
+rule, its norm summed in another order.
 
 What a caller must keep to:
 - Call `zero_grad()` before each backward (it zeroes the flat gradient and hands every parameter its
