@@ -54,20 +54,20 @@ class FlatAdam:
             raise ValueError("FlatAdam: every parameter must share one device and dtype")
         if len({id(p) for p in self.params}) != len(self.params):
             raise ValueError("FlatAdam: a parameter is listed twice")
-        self.shapes = [p.shape for p in self.params]
         self.sizes = [p.numel() for p in self.params]
         with torch.no_grad():
             flat = torch.cat([p.detach().reshape(-1) for p in self.params])
         self.flat = nn.Parameter(flat)
         self.flat.grad = torch.zeros_like(flat)
-        self.grads: list[torch.Tensor] = []
-        offset = 0
-        for p, n in zip(self.params, self.sizes, strict=True):
-            p.data = self.flat.data[offset : offset + n].view_as(p)
-            self.grads.append(self.flat.grad[offset : offset + n].view_as(p))
-            offset += n
+        for p, view in zip(self.params, self._views(self.flat.data), strict=True):
+            p.data = view
+        self.grads = self._views(self.flat.grad)
         self.addresses = [p.data_ptr() for p in self.params]
         self.optimizer = adam([self.flat], lr, eps)
+
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """`flat` cut into one view per parameter, shaped like it."""
+        return [part.view_as(p) for part, p in zip(flat.split(self.sizes), self.params, strict=True)]
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -124,15 +124,11 @@ class FlatAdam:
         flat_state = inner["state"].get(0)
         state: dict[int, dict[str, Any]] = {}
         if flat_state is not None:
-            offset = 0
-            for i, (shape, n) in enumerate(zip(self.shapes, self.sizes, strict=True)):
+            views = {key: self._views(value) for key, value in flat_state.items() if key != "step"}
+            for i in range(len(self.params)):
                 # Each its own step tensor: torch's fused Adam, given one tensor shared by all
                 # parameters, would count every parameter's step on it.
-                state[i] = {
-                    key: value.clone() if key == "step" else value[offset : offset + n].view(shape)
-                    for key, value in flat_state.items()
-                }
-                offset += n
+                state[i] = {"step": flat_state["step"].clone(), **{key: v[i] for key, v in views.items()}}
         return {"state": state, "param_groups": [group]}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
@@ -155,12 +151,12 @@ class FlatAdam:
             moments = {}
             for key in ("exp_avg", "exp_avg_sq"):
                 parts = []
-                for i, (e, shape, n) in enumerate(zip(entries, self.shapes, self.sizes, strict=True)):
-                    part = torch.zeros(n) if e is None else e[key].reshape(-1)
-                    if part.numel() != n:
+                for i, (e, p) in enumerate(zip(entries, self.params, strict=True)):
+                    part = torch.zeros(p.numel()) if e is None else e[key].reshape(-1)
+                    if part.numel() != p.numel():
                         raise ValueError(
                             f"optimiser state of parameter {i} has {part.numel()} entries, but the "
-                            f"parameter has shape {tuple(shape)}"
+                            f"parameter has shape {tuple(p.shape)}"
                         )
                     parts.append(part.to(self.flat))
                 moments[key] = torch.cat(parts)
